@@ -1,0 +1,24 @@
+// Every pyvl op schema, declared once. Implementations register per device in csrc/bindings/
+// (TORCH_LIBRARY_IMPL); fake (meta) kernels and autograd are registered from Python in pyvl/ops/.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(pyvl, m) {
+  // Depthwise convolution. weight is [C, 1, KH, KW]; the output keeps x's memory format (NCHW or channels_last).
+  m.def("depthwise_conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation)"
+        " -> Tensor");
+  m.def("depthwise_conv2d_backward_input(Tensor grad_out, Tensor weight, int[2] input_size, int[2] stride,"
+        " int[2] padding, int[2] dilation) -> Tensor");
+  m.def("depthwise_conv2d_backward_weight(Tensor grad_out, Tensor x, int[2] kernel_size, int[2] stride,"
+        " int[2] padding, int[2] dilation) -> Tensor");
+  // Fused depthwise-separable block: act_pw(pw . act_dw(dw * x + dw_bias) + pw_bias); pw_weight is [C_out, C].
+  // Activations: 0 none, 1 relu, 2 relu6.
+  m.def("dsconv2d(Tensor x, Tensor dw_weight, Tensor? dw_bias, Tensor pw_weight, Tensor? pw_bias, int[2] stride,"
+        " int[2] padding, int[2] dilation, int dw_activation, int pw_activation) -> Tensor");
+}
+
+// `import pyvl._C` loads this library, which runs the registrations above; the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,105 @@
+"""Backend choice: the `backend=` argument, else PYVL_BACKEND, else the measured default; `reference` last.
+
+Every backend states why it cannot run a problem (`reason`), in the manner of NATTEN's can_run_<backend>;
+`pyvl info` prints the same reasons. The default on a GPU uses only kernels verified on a GPU (see
+pyvl/_verified.py): a kernel that nobody has run on a GPU is used only when asked for by name.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from . import _ext, _verified
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+ENV_VAR = "PYVL_BACKEND"
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_import_error() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    return None
+
+
+def availability(backend: str) -> str | None:
+    """None when the backend is usable on this machine for some device, else the reason it is not."""
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        return _ext.LOAD_ERROR
+    if backend == "cuda":
+        if _ext.LOAD_ERROR is not None:
+            return _ext.LOAD_ERROR
+        if not _ext.has_kernel("depthwise_conv2d", "CUDA"):
+            return "pyvl._C was built without CUDA kernels (needs a CUDA build of torch and nvcc at build time)"
+        if not torch.cuda.is_available():
+            return "built, but no CUDA device is visible"
+        return None
+    if backend == "triton":
+        err = _triton_import_error()
+        if err is not None:
+            return err
+        if not torch.cuda.is_available() and not triton_interpreting():
+            return "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run in the interpreter)"
+        return None
+    raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+
+
+def reason(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when `backend` can run `op` for tensors on `device` of `dtype`, else why not."""
+    why = availability(backend)
+    if why is not None:
+        return why
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the cpu backend runs CPU tensors, got a tensor on {device}"
+        if not _ext.has_kernel(op, "CPU"):
+            return f"pyvl._C has no CPU kernel for {op}"
+    elif backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend runs CUDA tensors, got a tensor on {device}"
+        if not _ext.has_kernel(op, "CUDA"):
+            return f"pyvl._C has no CUDA kernel for {op}"
+    elif backend == "triton":
+        if device.type == "cuda":
+            return None
+        if device.type != "cpu" or not triton_interpreting():
+            return f"the triton backend runs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {device}"
+        if dtype == torch.bfloat16:
+            return "the Triton interpreter has no bfloat16 math"
+    return None
+
+
+def default_order(op: str, device: torch.device) -> tuple[str, ...]:
+    """Backends to try, fastest first, from measurements (benchmarks/ and benchmarks/results/).
+
+    On the CPU the C++ kernels beat the PyTorch reference at every benchmarked shape (`pyvl bench`). On a GPU
+    only kernels verified there are candidates, ordered by their measured speed; `reference` (cuDNN) follows.
+    """
+    if device.type == "cuda":
+        return tuple(_verified.fastest_verified(op, ("cuda", "triton"))) + ("reference",)
+    if device.type == "cpu":
+        return ("cpu", "reference")
+    return ("reference",)
+
+
+def choose(op: str, backend: str | None, x: torch.Tensor) -> str:
+    """The backend that runs `op` on tensors like `x`; raises RuntimeError if a named backend cannot."""
+    requested = backend if backend is not None else os.environ.get(ENV_VAR) or None
+    if requested is not None:
+        if requested not in BACKENDS:
+            src = "backend" if backend is not None else ENV_VAR
+            raise ValueError(f"{src} must be one of {BACKENDS}, got {requested!r}")
+        why = reason(requested, op, x.device, x.dtype)
+        if why is not None:
+            raise RuntimeError(f"pyvl.ops.{op}: backend {requested!r} cannot run this input: {why}")
+        return requested
+    for name in default_order(op, x.device):
+        if reason(name, op, x.device, x.dtype) is None:
+            return name
+    return "reference"
