@@ -1,0 +1,90 @@
+"""Hypothesis strategies that draw whole kernel problems: shapes (odd and non-divisible), kernel geometry,
+dtypes, layouts and non-contiguous inputs, under a byte cap so that every example stays small.
+
+    from hypothesis import given
+    from pyvl.testing import strategies as pst
+
+    @given(pst.depthwise_problems())
+    def test_my_kernel(problem):
+        x, weight, bias = problem.make_inputs()
+        ...
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from hypothesis import strategies as st
+
+LAYOUTS = ("nchw", "channels_last", "sliced")
+
+
+@dataclasses.dataclass(frozen=True)
+class DepthwiseProblem:
+    """One depthwise (or depthwise-separable) convolution problem."""
+
+    N: int
+    C: int
+    H: int
+    W: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    dtype: torch.dtype
+    layout: str  # "nchw", "channels_last" or "sliced" (a non-contiguous view)
+    bias: bool
+    C_out: int = 1
+    seed: int = 0
+
+    def output_size(self) -> tuple[int, int]:
+        return tuple(
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, k, s, p, d in zip((self.H, self.W), self.kernel_size, self.stride, self.padding,
+                                        self.dilation))
+
+    def _tensor(self, gen, shape, device):
+        return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=self.dtype)
+
+    def make_x(self, device="cpu") -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed)
+        if self.layout == "sliced":
+            # Every other column of a wider tensor: strides no dense layout has.
+            return self._tensor(gen, (self.N, self.C, self.H, 2 * self.W), device)[..., ::2]
+        x = self._tensor(gen, (self.N, self.C, self.H, self.W), device)
+        return x.contiguous(memory_format=torch.channels_last) if self.layout == "channels_last" else x
+
+    def make_inputs(self, device="cpu"):
+        """(x, weight [C, 1, KH, KW], bias [C] or None) for depthwise_conv2d."""
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        weight = self._tensor(gen, (self.C, 1) + self.kernel_size, device)
+        bias = self._tensor(gen, (self.C,), device) if self.bias else None
+        return self.make_x(device), weight, bias
+
+    def make_pointwise(self, device="cpu"):
+        """(pw_weight [C_out, C], pw_bias [C_out] or None) for dsconv2d."""
+        gen = torch.Generator().manual_seed(self.seed + 2)
+        pw_weight = self._tensor(gen, (self.C_out, self.C), device) / max(1.0, self.C ** 0.5)
+        pw_bias = self._tensor(gen, (self.C_out,), device) if self.bias else None
+        return pw_weight, pw_bias
+
+
+@st.composite
+def depthwise_problems(draw, *, dtypes=(torch.float32, torch.float64), kernel_sizes=(1, 3, 5, 7),
+                       layouts=LAYOUTS, max_elements: int = 6000, max_stride: int = 3, max_dilation: int = 2,
+                       C_out: bool = False) -> DepthwiseProblem:
+    """A depthwise problem whose input has at most max_elements elements and whose output is not empty."""
+    k = (draw(st.sampled_from(kernel_sizes)), draw(st.sampled_from(kernel_sizes)))
+    dilation = (draw(st.integers(1, max_dilation)), draw(st.integers(1, max_dilation)))
+    stride = (draw(st.integers(1, max_stride)), draw(st.integers(1, max_stride)))
+    padding = tuple(draw(st.integers(0, d * (kk - 1) // 2 + 1)) for kk, d in zip(k, dilation))
+    # The smallest input with a non-empty output, then some more (odd sizes are as likely as even ones).
+    min_hw = [max(1, d * (kk - 1) + 1 - 2 * p) for kk, d, p in zip(k, dilation, padding)]
+    H = draw(st.integers(min_hw[0], min_hw[0] + 12))
+    W = draw(st.integers(min_hw[1], min_hw[1] + 12))
+    N = draw(st.integers(1, 3))
+    C = draw(st.integers(1, max(1, min(40, max_elements // max(1, N * H * W)))))
+    return DepthwiseProblem(
+        N=N, C=C, H=H, W=W, kernel_size=k, stride=stride, padding=padding, dilation=dilation,
+        dtype=draw(st.sampled_from(dtypes)), layout=draw(st.sampled_from(layouts)), bias=draw(st.booleans()),
+        C_out=draw(st.integers(1, 24)) if C_out else 1, seed=draw(st.integers(0, 2**16)))

@@ -1,0 +1,3 @@
+import pyvl.testing
+
+pyvl.testing.load_profile()
