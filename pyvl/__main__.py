@@ -1,0 +1,5 @@
+import sys
+
+from pyvl.cli import main
+
+sys.exit(main())
