@@ -2,17 +2,21 @@
 timm's mobilenetv1 family built with pretrained=False."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import pyvl.interop
 import pyvl.models
 from pyvl.nn import DepthwiseSeparableConv2d
+from pyvl.testing import assert_close_to_reference
 
 timm = pytest.importorskip("timm")
 from timm.models.efficientnet import _gen_mobilenet_v1  # noqa: E402
 
-# float32 parity bound (no error-criterion helper on main yet): the fused, folded path reorders sums only.
+# For comparisons with no float64 truth at hand (gradients, running statistics, block paths): float32, where the
+# fused and folded path only reorders sums.
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
@@ -47,16 +51,21 @@ def test_state_dict_matches_timm(timm_v1):
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
 
 
+def _in_dtype_of(model):
+    """ref_fn for assert_close_to_reference: the timm model, run in the dtype of its input (float64 for the truth)."""
+    models = {torch.float32: model, torch.float64: copy.deepcopy(model).double()}
+    return lambda x: models[x.dtype](x)
+
+
 @pytest.mark.parametrize("resolution", [96, 64])
 def test_from_timm_eval_parity(timm_v1, resolution):
     ours = pyvl.interop.from_timm(timm_v1)
     assert isinstance(ours, pyvl.models.MobileNetV1) and not ours.training
     x = torch.randn(2, 3, resolution, resolution, generator=torch.Generator().manual_seed(resolution))
     with torch.no_grad():
-        expected = timm_v1(x)
         out = ours(x)
-    print(f"max |pyvl - timm| at {resolution}: {(out - expected).abs().max().item():.3g}")
-    torch.testing.assert_close(out, expected, **TOL)
+        print(f"max |pyvl - timm| at {resolution}: {(out - timm_v1(x)).abs().max().item():.3g}")
+    assert_close_to_reference(out, _in_dtype_of(timm_v1), (x,), name=f"logits at {resolution}px")
 
 
 def test_train_mode_matches_timm():
