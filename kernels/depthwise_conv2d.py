@@ -37,10 +37,10 @@ def _depthwise_tile(x_ptr, w_ptr, n, p, c, H, W, OW,
     c64 = c.to(tl.int64)
     base = x_ptr + n * sxn + c64[None, :] * sxc
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
-    for kh in tl.static_range(KH):
+    for kh in range(KH):
         ih = oh * stride_h - pad_h + kh * dil_h
         row_ok = mask_p & (ih >= 0) & (ih < H)
-        for kw in tl.static_range(KW):
+        for kw in range(KW):
             iw = ow * stride_w - pad_w + kw * dil_w
             ok = row_ok & (iw >= 0) & (iw < W)
             xv = tl.load(base + (ih * sxh + iw * sxw)[:, None], mask=ok[:, None] & mask_c[None, :], other=0.0)
@@ -95,13 +95,13 @@ def _depthwise_bwd_input_kernel(g_ptr, w_ptr, gx_ptr,
     c64 = c.to(tl.int64)
     base = g_ptr + n * sgn + c64[None, :] * sgc
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
-    for kh in tl.static_range(KH):
+    for kh in range(KH):
         th = ih + pad_h - kh * dil_h
         # clamp before dividing: the sign of % and // on negatives differs between backends
         th_safe = tl.maximum(th, 0)
         oh = th_safe // stride_h
         row_ok = mask_p & (th >= 0) & (th_safe % stride_h == 0) & (oh < OH)
-        for kw in tl.static_range(KW):
+        for kw in range(KW):
             tw = iw + pad_w - kw * dil_w
             tw_safe = tl.maximum(tw, 0)
             ow = tw_safe // stride_w
@@ -221,8 +221,9 @@ def _strides4(t):
     return tuple(int(s) for s in t.stride())
 
 
-def _tile(pixels: int, channels: int, channels_last: bool, elements: int = 2048, min_block: int = 1):
-    """(BLOCK_P, BLOCK_C) of about `elements` fp32 accumulators (16 per thread at 4 warps).
+def _tile(pixels: int, channels: int, channels_last: bool, elements: int = 1024, min_block: int = 1):
+    """(BLOCK_P, BLOCK_C) of about `elements` accumulators: 8 per thread at 4 warps. Each element also carries
+    a 64-bit address and its masks; ptxas -v (pyvl.kernels.aot) shows 2048 elements reaching 255 registers.
 
     The contiguous axis of the layout gets the larger share so loads coalesce: channels in channels_last,
     pixels in NCHW.
@@ -290,6 +291,21 @@ def depthwise_conv2d_backward_weight(grad_out, x, kernel_size, stride, padding, 
     return grad_w
 
 
+def _dsconv_tiles(C, C_out, pixels, dtype):
+    """(BLOCK_P, BLOCK_C, BLOCK_CO, num_warps) for the fused kernel.
+
+    tl.dot wants every block dim >= 16. One output-channel block as wide as C_out (up to 128) avoids recomputing
+    the depthwise tile per block; 8 warps keep the 64 x 128 accumulator at 32 registers per thread. An fp32
+    (ieee) dot runs on FMAs and stages its operands in shared memory: 128 wide it overflows sm_80, so 64.
+    """
+    np2 = triton.next_power_of_2
+    wide = 64 if dtype in (torch.float32, torch.float64) else 128
+    block_co = max(16, min(wide, np2(C_out)))
+    block_c = 16
+    block_p = max(16, min(64, np2(pixels)))
+    return block_p, block_c, block_co, 8
+
+
 def dsconv2d_forward(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation,
                      dw_activation: int, pw_activation: int):
     N, C, H, W = x.shape
@@ -298,12 +314,7 @@ def dsconv2d_forward(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding,
     OH = _out_size(H, KH, stride[0], padding[0], dilation[0])
     OW = _out_size(W, KW, stride[1], padding[1], dilation[1])
     out = _empty_like_layout(x, (N, C_out, OH, OW), x.dtype)
-    np2 = triton.next_power_of_2
-    # tl.dot wants every block dim >= 16. One output-channel block up to 128 wide avoids recomputing the
-    # depthwise tile; 64 pixels x 128 outputs is 64 fp32 accumulators per thread at 4 warps.
-    block_co = max(16, min(128, np2(C_out)))
-    block_c = max(16, min(32, np2(C)))
-    block_p = max(16, min(64, np2(OH * OW)))
+    block_p, block_c, block_co, num_warps = _dsconv_tiles(C, C_out, OH * OW, x.dtype)
     grid = (triton.cdiv(OH * OW, block_p), triton.cdiv(C_out, block_co), N)
     sw = _strides4(dw_weight)
     sp = tuple(int(s) for s in pw_weight.stride())
@@ -314,5 +325,29 @@ def dsconv2d_forward(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding,
         int(stride[0]), int(stride[1]), int(padding[0]), int(padding[1]), int(dilation[0]), int(dilation[1]),
         HAS_DW_BIAS=dw_bias is not None, HAS_PW_BIAS=pw_bias is not None,
         DW_ACT=int(dw_activation), PW_ACT=int(pw_activation), KH=KH, KW=KW,
-        BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_CO=block_co, ACC=_acc_dtype(x), num_warps=4)
+        BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_CO=block_co, ACC=_acc_dtype(x), num_warps=num_warps)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs for pyvl.kernels.aot: each kernel at the largest tiles its launcher picks, in
+# every dtype it is launched with on a GPU (float64 is left out: no GPU path relies on it for speed).
+
+_GPU_DTYPES = ("fp32", "fp16", "bf16")
+_FLAGS = dict(KH=3, KW=3, ACC=tl.float32)
+
+AOT_SPECS = [
+    # NCHW tiles: tall in pixels; channels_last tiles are the same size, so the same register budget
+    dict(kernel=_depthwise_fwd_kernel, dtypes=_GPU_DTYPES, num_warps=4,
+         constexprs=dict(HAS_BIAS=True, BLOCK_P=128, BLOCK_C=8, **_FLAGS)),
+    dict(kernel=_depthwise_bwd_input_kernel, dtypes=_GPU_DTYPES, num_warps=4,
+         constexprs=dict(BLOCK_P=128, BLOCK_C=8, **_FLAGS)),
+    dict(kernel=_depthwise_bwd_weight_kernel, dtypes=_GPU_DTYPES, num_warps=4,
+         constexprs=dict(KW=3, BLOCK_P=16, BLOCK_C=64, ACC=tl.float32)),
+    dict(kernel=_dsconv_fwd_kernel, dtypes=("fp16", "bf16"), num_warps=8,
+         constexprs=dict(HAS_DW_BIAS=True, HAS_PW_BIAS=True, DW_ACT=2, PW_ACT=1, BLOCK_P=64, BLOCK_C=16,
+                         BLOCK_CO=128, **_FLAGS)),
+    dict(kernel=_dsconv_fwd_kernel, dtypes=("fp32",), num_warps=8,
+         constexprs=dict(HAS_DW_BIAS=True, HAS_PW_BIAS=True, DW_ACT=2, PW_ACT=1, BLOCK_P=64, BLOCK_C=16,
+                         BLOCK_CO=64, **_FLAGS)),
+]
