@@ -21,20 +21,7 @@ DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
 if DEVICE == "cpu" and not INTERPRET:
     pytest.skip("no CUDA device and TRITON_INTERPRET is not set", allow_module_level=True)
 
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.float64: 1e-12}
-
-
-def _assert_close(out, ref_fn, args):
-    """pyvl's error criterion: max|out - ref| <= 2 max|torch same dtype - ref| + atol, ref in float64."""
-    shared = getattr(pyvl.testing, "assert_close_to_reference", None)
-    if shared is not None:
-        return shared(out, ref_fn, args)
-    ref = ref_fn(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args])
-    same = ref_fn(*args)
-    bound = 2 * (same.double() - ref).abs().max().item() + ATOL[out.dtype]
-    err = (out.double() - ref).abs().max().item()
-    assert out.shape == ref.shape
-    assert err <= bound, f"max error {err:.3g} above the bound {bound:.3g}"
+_assert_close = pyvl.testing.assert_close_to_reference  # the error criterion of DESIGN.md
 
 
 def _layout(x, layout):
@@ -91,20 +78,16 @@ def test_forward(case, layout, dtype):
 @pytest.mark.parametrize("case", CASES[:3])
 def test_gradients(case, layout):
     x, w, b, stride, dil = _problem(case, torch.float32, layout)
-    grads = {}
-    for backend in ("triton", "reference"):
-        xs, ws, bs = (t.detach().double() if backend == "reference" else t.detach() for t in (x, w, b))
-        xs, ws, bs = (t.requires_grad_() for t in (xs, ws, bs))
-        out = D.depthwise_conv2d(xs, ws, bs, stride=stride, dilation=dil, backend=backend)
-        # grad_out in out's layout, so grad x should come back in it too
-        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out).contiguous(
-            memory_format=_expected_format(out))
-        grads[backend] = torch.autograd.grad(out, (xs, ws, bs), g)
-        if backend == "triton":
-            assert grads[backend][0].is_contiguous(memory_format=_expected_format(out))
-    for name, got, want in zip(("x", "weight", "bias"), grads["triton"], grads["reference"]):
-        assert got.dtype == torch.float32
-        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4, msg=lambda m: f"grad {name}: {m}")
+
+    def run(backend):
+        return lambda x, w, b: D.depthwise_conv2d(x, w, b, stride=stride, dilation=dil, backend=backend)
+
+    pyvl.testing.assert_gradients_close_to_reference(run("triton"), run("reference"), (x, w, b))
+    # grad x comes back in grad_out's layout
+    xs = x.detach().requires_grad_()
+    out = run("triton")(xs, w, b)
+    (gx,) = torch.autograd.grad(out, xs, torch.ones_like(out))
+    assert gx.is_contiguous(memory_format=_expected_format(out))
 
 
 def test_gradcheck_float64():
@@ -140,15 +123,12 @@ def test_dsconv2d_gradients():
     x, w, b, _, _ = _problem((1, 5, 6, 7, 3, 1, 1), torch.float32, "contiguous")
     g = torch.Generator().manual_seed(3)
     pw, pb = torch.randn(6, 5, generator=g), torch.randn(6, generator=g)
-    grads = {}
-    for backend in ("triton", "reference"):
-        ts = tuple(t.detach().double().requires_grad_() if backend == "reference" else t.detach().requires_grad_()
-                   for t in (x, w, b, pw, pb))
-        out = D.dsconv2d(ts[0], ts[1], ts[3], ts[2], ts[4], dw_activation="relu6", pw_activation="relu",
-                         backend=backend)
-        grads[backend] = torch.autograd.grad(out, ts, torch.ones_like(out))
-    for got, want in zip(grads["triton"], grads["reference"]):
-        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+    def run(backend):
+        return lambda x, w, b, pw, pb: D.dsconv2d(x, w, pw, b, pb, dw_activation="relu6", pw_activation="relu",
+                                                  backend=backend)
+
+    pyvl.testing.assert_gradients_close_to_reference(run("triton"), run("reference"), (x, w, b, pw, pb))
 
 
 def test_opcheck_depthwise():
