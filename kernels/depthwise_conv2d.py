@@ -181,7 +181,8 @@ def _dsconv_fwd_kernel(x_ptr, dw_w_ptr, dw_b_ptr, pw_w_ptr, pw_b_ptr, out_ptr,
         c = c0 + tl.arange(0, BLOCK_C)
         mask_c = c < C
         h = _depthwise_tile(x_ptr, dw_w_ptr, n, p, c, H, W, OW, sxn, sxc, sxh, sxw, swc, swh, sww,
-                            stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, mask_p, mask_c, ACC, KH, KW, BLOCK_P, BLOCK_C)
+                            stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, mask_p, mask_c, ACC, KH, KW,
+                            BLOCK_P, BLOCK_C)
         if HAS_DW_BIAS:
             h += tl.load(dw_b_ptr + c, mask=mask_c, other=0.0).to(ACC)[None, :]
         # padded channels hold act(0) = 0 and meet zero weights below, so they add nothing
