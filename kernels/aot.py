@@ -140,6 +140,20 @@ def compile_all(archs, families=FAMILIES, jobs=None, out=sys.stdout) -> int:
     return failures
 
 
+def status_by_op(archs=(80, 90), families=FAMILIES) -> dict:
+    """{op: {kernel: compiled for every arch without error or overflow}}, for `pyvl info --compile`.
+
+    A kernel belongs to the fused op dsconv2d when its name says so, else to its family's op."""
+    status: dict = {}
+    for family in families:
+        for i, spec in enumerate(importlib.import_module(f"pyvl.kernels.{family}").AOT_SPECS):
+            name = spec["kernel"].__name__
+            op = "dsconv2d" if "dsconv" in name else family
+            ok = all(not _compile_one((family, i, dtype, arch))[1] for dtype in spec["dtypes"] for arch in archs)
+            status.setdefault(op, {})[name] = ok and status.get(op, {}).get(name, True)
+    return status
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities, e.g. 80 90")
