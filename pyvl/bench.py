@@ -83,13 +83,16 @@ class SizeSet:
     model_resolution: int
     model_repeats: int
     copy_mib: dict  # the copy-bandwidth probe: large enough to leave the last-level cache
+    max_case_s: float = math.inf  # timed seconds per case beyond which repeats shrink (see time_interleaved)
+    min_repeat_s: float = 0.02  # shortest timed repeat; scheduler noise on a shared machine is a few ms
 
 
 SIZES = {
-    # quick (default): one batch per device, few repeats; about 2-3 minutes on 2 CPU cores, the model included.
+    # quick (default): one batch per device, few repeats, at most ~2.5 s of timing per case (46 cases + the
+    # model); about 2-3 minutes on 2 CPU cores even while a kernel is still slow.
     "quick": SizeSet(MOBILENET_V1_DW, {"cpu": (8,), "cuda": (64,)}, warmup=1, repeats=5,
                      model_batch={"cpu": 8, "cuda": 64}, model_resolution=224, model_repeats=2,
-                     copy_mib={"cpu": 128, "cuda": 1024}),
+                     copy_mib={"cpu": 128, "cuda": 1024}, max_case_s=2.5),
     # full: adds batch 1 (latency: per-call overhead such as custom_op's ~10 us shows there) and more repeats.
     "full": SizeSet(MOBILENET_V1_DW, {"cpu": (1, 8), "cuda": (1, 64)}, warmup=3, repeats=15,
                     model_batch={"cpu": 8, "cuda": 64}, model_resolution=224, model_repeats=5,
@@ -97,7 +100,7 @@ SIZES = {
     # tiny: for tests/test_bench.py only (hidden from --help); every code path in a few seconds.
     "tiny": SizeSet((DwShape(8, 16, 1, 16), DwShape(16, 16, 2, 32, count=2)), {"cpu": (2,), "cuda": (2,)},
                     warmup=1, repeats=2, model_batch={"cpu": 1, "cuda": 1}, model_resolution=64, model_repeats=1,
-                    copy_mib={"cpu": 8, "cuda": 64}),
+                    copy_mib={"cpu": 8, "cuda": 64}, min_repeat_s=0.0),
 }
 
 
@@ -319,18 +322,25 @@ def time_once(fn, device) -> float:
     return time.perf_counter() - t0
 
 
-def time_interleaved(fns: dict, device, warmup: int, repeats: int, min_repeat_s: float = 0.0) -> dict:
-    """Per name, `repeats` times of one call each (seconds per call). The implementations take turns within every
-    repeat, in an order reversed each repeat, so that a noisy neighbour or a clock change hits all of them alike.
+def time_interleaved(fns: dict, device, warmup: int, repeats: int, min_repeat_s: float = 0.0,
+                     max_case_s: float = math.inf, min_repeats: int = 3) -> dict:
+    """Per name, a list of timed repeats (seconds per call). The implementations take turns within every repeat,
+    in an order reversed each repeat, so that a noisy neighbour or a clock change hits all of them alike.
 
-    Calls shorter than `min_repeat_s` are run several times per timed repeat (the same count for every name):
-    one sub-millisecond call is below what perf_counter and a shared machine's scheduler let us resolve."""
+    Calls shorter than `min_repeat_s` run several times per timed repeat (the same count for every name): one
+    sub-millisecond call is below what perf_counter and a shared machine's scheduler let us resolve. Cases whose
+    repeats would take longer than `max_case_s` in all get fewer repeats, never fewer than `min_repeats` (a
+    median of three still drops one outlier): it keeps the quick run quick when a kernel is slow."""
     names = list(fns)
-    fastest = math.inf
+    first = {}
     for _ in range(max(1, warmup)):
         for n in names:
-            fastest = min(fastest, time_once(fns[n], device))
-    inner = max(1, min(1000, math.ceil(min_repeat_s / max(fastest, 1e-7))))
+            t = time_once(fns[n], device)
+            first[n] = min(first.get(n, math.inf), t)
+    inner = max(1, min(1000, math.ceil(min_repeat_s / max(min(first.values()), 1e-7))))
+    per_repeat = inner * sum(first.values())
+    if per_repeat * repeats > max_case_s:
+        repeats = max(min(min_repeats, repeats), int(max_case_s // per_repeat))
     _sync(device)
     times = {n: [] for n in names}
     for r in range(repeats):
@@ -430,7 +440,8 @@ def environment(device, dtype) -> dict:
 # Running and reporting
 
 
-def run_case(case: Case, device, dtype, backend, warmup, repeats, copy_gbps) -> list[dict]:
+def run_case(case: Case, device, dtype, backend, warmup, repeats, copy_gbps, max_case_s=math.inf,
+             min_repeat_s=0.02) -> list[dict]:
     """One row per peer; a case that cannot run gives rows with status "skipped" or "error" and the reason."""
     base = {"op": case.op, "layout": case.layout, "shape": case.shape, "count": case.count, "params": case.params}
     try:
@@ -441,8 +452,7 @@ def run_case(case: Case, device, dtype, backend, warmup, repeats, copy_gbps) -> 
         return [dict(base, peer=None, status="error", reason=f"{type(e).__name__}: {e}")]
     fns = {"pyvl": built.pyvl, **built.peers}
     try:
-        # 20 ms per timed repeat at least: scheduler noise on a shared machine is a few ms.
-        times = time_interleaved(fns, device, warmup, repeats, min_repeat_s=0.02)
+        times = time_interleaved(fns, device, warmup, repeats, min_repeat_s=min_repeat_s, max_case_s=max_case_s)
         peaks = {n: peak_memory(f, device) for n, f in fns.items()}
     except Exception as e:  # noqa: BLE001
         return [dict(base, peer=p, status="error", reason=f"{type(e).__name__}: {e}") for p in built.peers]
@@ -452,7 +462,7 @@ def run_case(case: Case, device, dtype, backend, warmup, repeats, copy_gbps) -> 
     def stats(name):
         t = statistics.median(times[name])
         gbps = built.nbytes / t / 1e9 if built.nbytes else None
-        return {"ms": t * 1e3, "times_ms": [x * 1e3 for x in times[name]], "gbps": gbps,
+        return {"ms": t * 1e3, "repeats": len(times[name]), "times_ms": [x * 1e3 for x in times[name]], "gbps": gbps,
                 "frac_copy": gbps / copy_gbps if gbps is not None else None,
                 "peak_mib": peaks[name] / 2**20 if peaks[name] is not None else None}
 
@@ -648,7 +658,9 @@ def main(argv=None) -> int:
         for case in todo:
             progress.step(f"{case.op} {case.layout} {case.shape}")
             n = model_repeats if case.op == "mobilenet_v1" else repeats
-            rows.extend(run_case(case, device, dtype, args.backend, size.warmup, n, copy_gbps))
+            budget = math.inf if args.repeats else size.max_case_s  # asked-for repeats are honoured
+            rows.extend(run_case(case, device, dtype, args.backend, size.warmup, n, copy_gbps, budget,
+                                 size.min_repeat_s))
     finally:
         progress.close()
 
