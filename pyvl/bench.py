@@ -614,13 +614,17 @@ class _Progress:
             except ImportError:
                 pass
 
-    def step(self, label):
+    def start(self, label):
+        """Names the case about to run; the count moves on when it is done (done())."""
         self.i += 1
         if self.bar is not None:
             self.bar.set_description(label[:50])
-            self.bar.update(1)
         elif self.enabled:
             print(f"[{self.i}/{self.total}] {label}", file=sys.stderr, flush=True)
+
+    def done(self):
+        if self.bar is not None:
+            self.bar.update(1)
 
     def close(self):
         if self.bar is not None:
@@ -678,13 +682,14 @@ def main(argv=None) -> int:
     progress = _Progress(len(todo), enabled=not args.no_progress)
     try:
         for case in todo:
-            progress.step(f"{case.op} {case.layout} {case.shape}")
+            progress.start(f"{case.op} {case.layout} {case.shape}")
             n = model_repeats if case.op == "mobilenet_v1" else repeats
             budget = math.inf if args.repeats else size.max_case_s  # asked-for repeats are honoured
             if case.op == "mobilenet_v1":
                 budget *= 4  # one figure, the one a user reads first: worth more of the run's minutes
             rows.extend(run_case(case, device, dtype, args.backend, size.warmup, n, copy_gbps, budget,
                                  size.min_repeat_s))
+            progress.done()
     finally:
         progress.close()
 
