@@ -1,0 +1,78 @@
+"""pyvl bench end to end on the hidden `tiny` size set: the files and their structure, never the timings
+(a shared CI machine makes any timed assertion flaky)."""
+import json
+import math
+
+import pytest
+
+from pyvl import bench
+
+
+def _finite_positive(v):
+    return isinstance(v, float) and math.isfinite(v) and v > 0
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-out")
+    rc = bench.main(["--sizes", "tiny", "--device", "cpu", "--out", str(out), "--no-progress"])
+    with open(out / "results.json") as f:
+        return rc, out, json.load(f)
+
+
+def test_runs_and_writes_files(result):
+    rc, out, data = result
+    assert rc == 0, [r for r in data["rows"] if r["status"] == "error"]
+    assert (out / "ratios.png").stat().st_size > 0
+    assert set(data) >= {"environment", "args", "copy_gbps", "rows", "ratios", "geomeans", "wall_s"}
+    env = data["environment"]
+    for key in ("device_name", "date", "git_commit", "torch", "triton", "dtype", "cpu_threads"):
+        assert key in env
+    assert env["device"] == "cpu" and env["dtype"] == "float32"
+    assert _finite_positive(data["copy_gbps"])
+
+
+def test_rows_cover_every_case(result):
+    _, _, data = result
+    rows = data["rows"]
+    shapes = [s.label(n) for n in bench.SIZES["tiny"].batches["cpu"] for s in bench.SIZES["tiny"].shapes]
+    got = {(r["op"], r["layout"], r["peer"], r["shape"]) for r in rows if r["status"] == "ok"}
+    for shape in shapes:
+        for op in ("depthwise_fwd", "depthwise_fwd_bwd"):
+            for layout in ("nchw", "channels_last"):
+                assert (op, layout, f"torch {layout}", shape) in got
+        for peer in ("torch channels_last", "torch nchw"):
+            assert ("dsconv2d_fwd", "channels_last", peer, shape) in got
+    model = [r for r in rows if r["op"] == "mobilenet_v1"]
+    assert len(model) == 1
+    # The model runs where pyvl.interop.from_timm exists and is skipped, with a reason, where it does not yet.
+    assert model[0]["status"] in ("ok", "skipped")
+    if model[0]["status"] == "skipped":
+        assert model[0]["reason"]
+
+
+def test_ratios_positive_finite(result):
+    _, _, data = result
+    ok = [r for r in data["rows"] if r["status"] == "ok"]
+    assert len(data["ratios"]) == len(ok) > 0
+    for r in ok:
+        assert _finite_positive(r["ratio"])
+        assert math.isclose(r["ratio"], r["peer_stats"]["ms"] / r["pyvl"]["ms"])
+        assert len(r["pyvl"]["times_ms"]) == data["args"]["repeats"] or r["op"] == "mobilenet_v1"
+        if r["op"] != "mobilenet_v1":
+            assert _finite_positive(r["pyvl"]["gbps"]) and _finite_positive(r["pyvl"]["frac_copy"])
+        assert r["pyvl"]["peak_mib"] is None  # no CPU allocator statistics, reported as n/a
+    for key, m in data["geomeans"].items():
+        assert _finite_positive(m["geomean"]) and _finite_positive(m["geomean_network_weighted"]), key
+
+
+def test_rejects_unknown_op():
+    with pytest.raises(SystemExit):
+        bench.main(["--ops", "depthwise_fwd,nope", "--no-progress"])
+
+
+def test_cases_shared_with_benchmarks():
+    # benchmarks/bench_depthwise_conv2d.py builds its problems from cases(); every MobileNetV1 shape is there.
+    quick = bench.cases("quick", "cpu", ("depthwise_fwd",))
+    assert len(quick) == 2 * len(bench.MOBILENET_V1_DW) == 18
+    assert sum(s.count for s in bench.MOBILENET_V1_DW) == 13  # MobileNetV1's 13 depthwise layers
