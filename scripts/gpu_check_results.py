@@ -1,7 +1,8 @@
 """Fold a GPU run's JUnit XML and bench JSON into one results file for benchmarks/results/ (see pyvl/_verified.py).
 
-A test counts for "<backend>/<op>" when its file names the backend (tests/test_*_cuda.py -> cuda, tests/triton/ ->
-triton) and its name or file names the op (dsconv -> dsconv2d, else the family's depthwise_conv2d). An op's
+A test counts for "<backend>/<op>" only when it ran on CUDA tensors (tests/test_*_cuda.py; the Triton interpreter
+tier does not count); its name gives the backend (a "triton" parameter, else cuda) and the op (dsconv -> dsconv2d,
+else the family's depthwise_conv2d). An op's
 verdict is "passed" only if it ran at least one test and none failed or errored.
 """
 import argparse
@@ -13,14 +14,13 @@ import xml.etree.ElementTree as ET
 
 import torch
 
-OPS = ("dsconv2d", "depthwise_conv2d")
 
 
 def classify(classname: str, name: str):
     path = classname.replace(".", "/")
-    backend = "triton" if "triton" in path else "cuda" if path.endswith("_cuda") or "cuda" in name else None
-    if backend is None:
+    if not path.split("/")[-1].endswith("_cuda"):  # only tests that ran on CUDA tensors verify a GPU kernel
         return None
+    backend = "triton" if "triton" in name else "cuda"
     op = "dsconv2d" if "dsconv" in name.lower() or "dsconv" in path else "depthwise_conv2d"
     return f"{backend}/{op}"
 
@@ -45,14 +45,19 @@ def main():
                 tests[key] = "failed"
             else:
                 tests[key] = "passed"
-    bench = {}
-    for path in sorted(pathlib.Path(args.bench).glob("*.json")):
-        bench = json.loads(path.read_text())
-    speedups = {}
-    for group, ratio in (bench.get("geomean", {}) or {}).items():
-        for op in OPS:
-            if op.split("_")[0] in group:
-                speedups.setdefault(f"cuda/{op}", ratio)
+    # Speed-up of each backend/op: the geometric mean over MobileNetV1 shapes against torch channels_last.
+    bench, speedups = {}, {}
+    groups = {"depthwise_conv2d": "depthwise_fwd | pyvl channels_last vs torch channels_last",
+              "dsconv2d": "dsconv2d_fwd | pyvl channels_last vs torch channels_last"}
+    for backend in ("cuda", "triton"):
+        path = pathlib.Path(args.bench) / f"bench-{backend}" / "results.json"
+        if not path.exists():
+            continue
+        bench[backend] = json.loads(path.read_text())
+        for op, group in groups.items():
+            mean = bench[backend].get("geomeans", {}).get(group)
+            if mean:
+                speedups[f"{backend}/{op}"] = mean["geomean"]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
