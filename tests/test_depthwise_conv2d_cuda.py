@@ -18,20 +18,10 @@ from pyvl.ops import depthwise_conv2d, dsconv2d
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-try:  # the shared criterion, where pyvl.testing has it
-    from pyvl.testing import check_error_criterion
-except ImportError:  # the same criterion, locally
-    _ATOL_EPS = {torch.float64: 1e-12, torch.float32: 4e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+from pyvl.testing import check_error_criterion
 
-    def check_error_criterion(out, ref, torch_out, *, atol=None, name="output"):
-        assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-        ref = ref.detach().double()
-        if atol is None:
-            atol = _ATOL_EPS[out.dtype] * max(1.0, float(ref.abs().max())) if ref.numel() else 0.0
-        err = float((out.detach().double() - ref).abs().max()) if ref.numel() else 0.0
-        torch_err = float((torch_out.detach().double() - ref).abs().max()) if ref.numel() else 0.0
-        assert err <= 2 * torch_err + atol, f"{name}: max error {err:.3g} > 2 * {torch_err:.3g} + {atol:.3g}"
-
+# The Triton kernels run here on CUDA tensors too: this file is what verifies both GPU backends on a GPU.
+GPU_BACKENDS = ["cuda", "triton"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 # (N, C, H, W, kernel (KH, KW), stride, dilation, padding); padding None = MobileNet's dilation*(K-1)//2.
@@ -87,9 +77,9 @@ def _forward_and_grads(fn, args, dtype, cotangent_seed=0):
     return out.detach(), [a.grad if a is not None else None for a in leaves]
 
 
-def _check_against_reference(fn, args, dtype, names):
-    """fn(*args, backend) in dtype with backend="cuda" against backend="reference" (float64 and dtype)."""
-    out, grads = _forward_and_grads(lambda *a: fn(*a, backend="cuda"), args, dtype)
+def _check_against_reference(fn, args, dtype, names, backend="cuda"):
+    """fn(*args, backend) in dtype with the GPU backend against backend="reference" (float64 and dtype)."""
+    out, grads = _forward_and_grads(lambda *a: fn(*a, backend=backend), args, dtype)
     ref, ref_grads = _forward_and_grads(lambda *a: fn(*a, backend="reference"), args, torch.float64)
     torch_out, torch_grads = _forward_and_grads(lambda *a: fn(*a, backend="reference"), args, dtype)
     assert out.dtype == dtype
@@ -112,7 +102,8 @@ def test_cuda_backend_is_registered():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
-def test_depthwise_conv2d_cuda(shape, layout, dtype):
+@pytest.mark.parametrize("gpu_backend", GPU_BACKENDS)
+def test_depthwise_conv2d_cuda(shape, layout, dtype, gpu_backend):
     N, C, H, W, (KH, KW), stride, dilation, padding = shape
     gen = torch.Generator(device="cuda").manual_seed(_seed(shape, layout))
     x = _input(N, C, H, W, torch.float32, layout, gen)
@@ -122,7 +113,7 @@ def test_depthwise_conv2d_cuda(shape, layout, dtype):
     def fn(x, weight, bias, backend):
         return depthwise_conv2d(x, weight, bias, stride=stride, padding=padding, dilation=dilation, backend=backend)
 
-    out = _check_against_reference(fn, (x, weight, bias), dtype, ("x", "weight", "bias"))
+    out = _check_against_reference(fn, (x, weight, bias), dtype, ("x", "weight", "bias"), gpu_backend)
     # The output keeps the caller's layout, as the CPU kernels and torch do.
     if layout in ("channels_last", "channels_last_strided") and C > 1:
         assert out.is_contiguous(memory_format=torch.channels_last)
@@ -175,7 +166,8 @@ DSCONV_CASES = [
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", DSCONV_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}x{c[3]}-k{c[4][0]}-co{c[7]}")
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_dsconv2d_cuda(case, layout, dtype, with_bias):
+@pytest.mark.parametrize("gpu_backend", GPU_BACKENDS)
+def test_dsconv2d_cuda(case, layout, dtype, with_bias, gpu_backend):
     N, C, H, W, (KH, KW), stride, dilation, C_out, dw_act, pw_act = case
     gen = torch.Generator(device="cuda").manual_seed(_seed(case, layout))
     x = _input(N, C, H, W, torch.float32, layout, gen)
@@ -189,7 +181,7 @@ def test_dsconv2d_cuda(case, layout, dtype, with_bias):
                         dw_activation=dw_act, pw_activation=pw_act, backend=backend)
 
     out = _check_against_reference(fn, (x, dw_weight, pw_weight, dw_bias, pw_bias), dtype,
-                                   ("x", "dw_weight", "pw_weight", "dw_bias", "pw_bias"))
+                                   ("x", "dw_weight", "pw_weight", "dw_bias", "pw_bias"), gpu_backend)
     if layout == "channels_last" and C_out > 1:
         assert out.is_contiguous(memory_format=torch.channels_last)
 
