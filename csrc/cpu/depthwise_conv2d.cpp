@@ -28,7 +28,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) {  // b > 0
 inline void valid_outputs(int64_t k, int64_t in_size, int64_t out_size, int64_t stride, int64_t pad, int64_t dil,
                           int64_t& lo, int64_t& hi) {
   const int64_t off = k * dil - pad;
-  lo = std::max<int64_t>(0, ceil_div(-off, stride));
+  lo = std::min(out_size, std::max<int64_t>(0, ceil_div(-off, stride)));
   hi = std::min<int64_t>(out_size, floor_div(in_size - 1 - off, stride) + 1);
   if (hi < lo) hi = lo;
 }
@@ -124,6 +124,21 @@ inline void row3x3(T* __restrict o, const T* __restrict r0, const T* __restrict 
   }
 }
 
+template <typename T>
+inline T border_tap_sum(const T* x, const T* w, T b, const PlaneGeom& g, int64_t ih0, int64_t kh_lo, int64_t kh_hi,
+                        int64_t ow) {
+  T acc = b;
+  const int64_t iw0 = ow * g.sw - g.pw;
+  for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
+    const T* xr = x + (ih0 + kh * g.dh) * g.W;
+    for (int64_t kw = 0; kw < g.KW; ++kw) {
+      const int64_t iw = iw0 + kw * g.dw;
+      if (iw >= 0 && iw < g.W) acc += w[kh * g.KW + kw] * xr[iw];
+    }
+  }
+  return acc;
+}
+
 // out plane [OH, OW] = correlation of x plane [H, W] with w [KH, KW] + b.
 template <typename T>
 void correlate_plane(const T* x, const T* w, T b, T* out, const PlaneGeom& g) {
@@ -159,20 +174,8 @@ void correlate_plane(const T* x, const T* w, T b, T* out, const PlaneGeom& g) {
       }
     }
     // Border columns (a few per row): checked taps.
-    auto border = [&](int64_t ow) {
-      T acc = b;
-      const int64_t iw0 = ow * g.sw - g.pw;
-      for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
-        const T* xr = x + (ih0 + kh * g.dh) * g.W;
-        for (int64_t kw = 0; kw < g.KW; ++kw) {
-          const int64_t iw = iw0 + kw * g.dw;
-          if (iw >= 0 && iw < g.W) acc += w[kh * g.KW + kw] * xr[iw];
-        }
-      }
-      orow[ow] = acc;
-    };
-    for (int64_t ow = 0; ow < ow_lo; ++ow) border(ow);
-    for (int64_t ow = ow_hi; ow < g.OW; ++ow) border(ow);
+    for (int64_t ow = 0; ow < ow_lo; ++ow) orow[ow] = border_tap_sum(x, w, b, g, ih0, kh_lo, kh_hi, ow);
+    for (int64_t ow = ow_hi; ow < g.OW; ++ow) orow[ow] = border_tap_sum(x, w, b, g, ih0, kh_lo, kh_hi, ow);
   }
 }
 
