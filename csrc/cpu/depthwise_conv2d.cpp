@@ -379,13 +379,44 @@ inline void gather_block(T* __restrict dst, const T* __restrict src, const T* __
   for (int64_t j = 0; j < L; ++j) dst[c0 + j] = acc[j];
 }
 
+// P consecutive interior pixels at once (every tap in bounds, source columns `pstep` elements apart): each tap's
+// weights are loaded once for P pixels, which cuts the loads per FMA compared to one pixel at a time.
+template <typename T, int64_t CB, int P>
+inline void gather_block_pixels(T* __restrict dst, const T* __restrict src, const T* __restrict wt, const T* init,
+                                int64_t C, int64_t KW, int64_t src_W, const int64_t* rk, const int64_t* rpos,
+                                int64_t nr, const int64_t* ck, const int64_t* cpos, int64_t nc, int64_t c0,
+                                int64_t pstep) {
+  T acc[P][CB];
+  for (int p = 0; p < P; ++p)
+    for (int64_t j = 0; j < CB; ++j) acc[p][j] = init ? init[c0 + j] : T(0);
+  for (int64_t a = 0; a < nr; ++a) {
+    const T* srow = src + rpos[a] * src_W * C + c0;
+    const T* wrow = wt + rk[a] * KW * C + c0;
+    for (int64_t b = 0; b < nc; ++b) {
+      const T* sp = srow + cpos[b] * C;
+      const T* wp = wrow + ck[b] * C;
+      for (int p = 0; p < P; ++p) {
+#pragma omp simd
+        for (int64_t j = 0; j < CB; ++j) acc[p][j] += wp[j] * sp[p * pstep + j];
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p)
+    for (int64_t j = 0; j < CB; ++j) dst[p * C + c0 + j] = acc[p][j];
+}
+
 // dst [N, dst_H, dst_W, C] from src [N, src_H, src_W, C] through the tap tables: forward when the tables are
 // forward_taps, backward_input when they are transposed_taps. Parallel over (n, dst row).
 template <typename T>
 void gather_nhwc(const T* src, int64_t src_H, int64_t src_W, const T* wt, const T* init, T* dst, int64_t dst_H,
-                 int64_t dst_W, int64_t N, int64_t C, int64_t KW, const TapTable& rows, const TapTable& cols) {
+                 int64_t dst_W, int64_t N, int64_t C, int64_t KW, const TapTable& rows, const TapTable& cols,
+                 int64_t col_step) {
   constexpr int64_t CB = kChannelBlock<T>;
+  // Pixel-blocked path: 2 pixels x 4 registers of channels; measured faster than 4 x 2 (fewer row streams).
+  constexpr int64_t PCB = 128 / sizeof(T);
+  constexpr int P = 2;
   const int64_t C_full = C / CB * CB;
+  const int64_t C_pfull = C / PCB * PCB;
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t oh = 0; oh < dst_H; ++oh) {
@@ -394,7 +425,27 @@ void gather_nhwc(const T* src, int64_t src_H, int64_t src_W, const T* wt, const 
       const int64_t* rp = rows.pos.data() + oh * rows.K;
       const int64_t nr = rows.count[oh];
       T* drow = dst + (n * dst_H + oh) * dst_W * C;
-      for (int64_t ow = 0; ow < dst_W; ++ow) {
+      int64_t ow = 0;
+      // (col_step = 0 disables the pixel-blocked path: taps of neighbouring pixels are not a plain shift.)
+      auto all_taps = [&](int64_t o) { return cols.count[o] == KW; };
+      for (; ow < dst_W; ++ow) {
+        if (col_step > 0 && C_pfull > 0 && ow + P <= dst_W && all_taps(ow) && all_taps(ow + P - 1)) {
+          const int64_t* ck = cols.k.data() + ow * cols.K;
+          const int64_t* cp = cols.pos.data() + ow * cols.K;
+          T* d = drow + ow * C;
+          for (int64_t c0 = 0; c0 < C_pfull; c0 += PCB)
+            gather_block_pixels<T, PCB, P>(d, sn, wt, init, C, KW, src_W, rk, rp, nr, ck, cp, KW, c0, col_step * C);
+          for (int p = 0; p < P && C_pfull < C; ++p) {
+            T* dp = d + p * C;
+            const int64_t* cpp = cols.pos.data() + (ow + p) * cols.K;
+            int64_t c0 = C_pfull;
+            for (; c0 + 8 <= C; c0 += 8)
+              gather_block<T, 8>(dp, sn, wt, init, C, KW, src_W, rk, rp, nr, ck, cpp, KW, c0, 8);
+            if (c0 < C) gather_block<T, 0>(dp, sn, wt, init, C, KW, src_W, rk, rp, nr, ck, cpp, KW, c0, C - c0);
+          }
+          ow += P - 1;
+          continue;
+        }
         const int64_t* ck = cols.k.data() + ow * cols.K;
         const int64_t* cp = cols.pos.data() + ow * cols.K;
         const int64_t nc = cols.count[ow];
@@ -478,7 +529,7 @@ void depthwise_conv2d_forward(const T* x, const T* weight, const T* bias, T* out
   const std::vector<T> wt = taps_major(weight, s.C, s.KH * s.KW);
   const TapTable rows = forward_taps(s.OH, s.H, s.KH, s.stride_h, s.pad_h, s.dil_h);
   const TapTable cols = forward_taps(s.OW, s.W, s.KW, s.stride_w, s.pad_w, s.dil_w);
-  gather_nhwc(x, s.H, s.W, wt.data(), bias, out, s.OH, s.OW, s.N, s.C, s.KW, rows, cols);
+  gather_nhwc(x, s.H, s.W, wt.data(), bias, out, s.OH, s.OW, s.N, s.C, s.KW, rows, cols, s.stride_w);
 }
 
 template <typename T>
@@ -492,7 +543,7 @@ void depthwise_conv2d_backward_input(const T* grad_out, const T* weight, T* grad
   const TapTable rows = transposed_taps(s.H, s.OH, s.KH, s.stride_h, s.pad_h, s.dil_h);
   const TapTable cols = transposed_taps(s.W, s.OW, s.KW, s.stride_w, s.pad_w, s.dil_w);
   gather_nhwc(grad_out, s.OH, s.OW, wt.data(), static_cast<const T*>(nullptr), grad_x, s.H, s.W, s.N, s.C, s.KW,
-              rows, cols);
+              rows, cols, s.stride_w == 1 ? 1 : 0);
 }
 
 template <typename T>
