@@ -179,6 +179,27 @@ void correlate_plane(const T* x, const T* w, T b, T* out, const PlaneGeom& g) {
   }
 }
 
+// Small planes are mostly border: copy them into a zero-padded scratch plane so every row runs the check-free
+// interior loop. Large planes keep the in-place split, where the border is a small fraction of the work.
+constexpr int64_t kPadCopyMaxWidth = 64;
+
+template <typename T>
+void correlate_plane_small(const T* x, const T* w, T b, T* out, const PlaneGeom& g, std::vector<T>& scratch) {
+  if (g.W > kPadCopyMaxWidth || g.ph < 0 || g.pw < 0 || (g.ph == 0 && g.pw == 0)) {
+    correlate_plane(x, w, b, out, g);
+    return;
+  }
+  const int64_t Hp = g.H + 2 * g.ph, Wp = g.W + 2 * g.pw;
+  scratch.assign(Hp * Wp, T(0));
+  for (int64_t h = 0; h < g.H; ++h) std::copy(x + h * g.W, x + (h + 1) * g.W, scratch.data() + (h + g.ph) * Wp + g.pw);
+  PlaneGeom gp = g;
+  gp.H = Hp;
+  gp.W = Wp;
+  gp.ph = 0;
+  gp.pw = 0;
+  correlate_plane(scratch.data(), w, b, out, gp);
+}
+
 PlaneGeom plane_geom(const Conv2dShape& s) {
   return PlaneGeom{s.H, s.W, s.OH, s.OW, s.KH, s.KW, s.stride_h, s.stride_w, s.pad_h, s.pad_w, s.dil_h, s.dil_w};
 }
@@ -186,11 +207,16 @@ PlaneGeom plane_geom(const Conv2dShape& s) {
 template <typename T>
 void forward_nchw(const T* x, const T* weight, const T* bias, T* out, const Conv2dShape& s) {
   const PlaneGeom g = plane_geom(s);
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t n = 0; n < s.N; ++n) {
-    for (int64_t c = 0; c < s.C; ++c) {
-      const int64_t p = n * s.C + c;
-      correlate_plane(x + p * s.H * s.W, weight + c * s.KH * s.KW, bias ? bias[c] : T(0), out + p * s.OH * s.OW, g);
+#pragma omp parallel
+  {
+    std::vector<T> scratch;
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t n = 0; n < s.N; ++n) {
+      for (int64_t c = 0; c < s.C; ++c) {
+        const int64_t p = n * s.C + c;
+        correlate_plane_small(x + p * s.H * s.W, weight + c * s.KH * s.KW, bias ? bias[c] : T(0),
+                              out + p * s.OH * s.OW, g, scratch);
+      }
     }
   }
 }
@@ -206,11 +232,16 @@ void backward_input_nchw(const T* grad_out, const T* weight, T* grad_x, const Co
       for (int64_t k = 0; k < KK; ++k) flipped[c * KK + k] = weight[c * KK + KK - 1 - k];
     const PlaneGeom g{s.OH, s.OW, s.H, s.W, s.KH, s.KW, 1, 1,
                       s.dil_h * (s.KH - 1) - s.pad_h, s.dil_w * (s.KW - 1) - s.pad_w, s.dil_h, s.dil_w};
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int64_t n = 0; n < s.N; ++n) {
-      for (int64_t c = 0; c < s.C; ++c) {
-        const int64_t p = n * s.C + c;
-        correlate_plane(grad_out + p * s.OH * s.OW, flipped.data() + c * KK, T(0), grad_x + p * s.H * s.W, g);
+#pragma omp parallel
+    {
+      std::vector<T> scratch;
+#pragma omp for collapse(2) schedule(static)
+      for (int64_t n = 0; n < s.N; ++n) {
+        for (int64_t c = 0; c < s.C; ++c) {
+          const int64_t p = n * s.C + c;
+          correlate_plane_small(grad_out + p * s.OH * s.OW, flipped.data() + c * KK, T(0), grad_x + p * s.H * s.W, g,
+                                scratch);
+        }
       }
     }
     return;
