@@ -108,6 +108,8 @@ int main() {
       make_shape(2, 3, 5, 4, 7, 3, 1, 1, 3, 3, 1, 1),      // kernel wider than the input; all border
       make_shape(1, 16, 9, 9, 1, 1, 2, 2, 0, 0, 1, 1),     // 1x1 strided
       make_shape(2, 9, 8, 10, 3, 5, 2, 3, 3, 2, 2, 1),     // padding larger than the kernel's reach
+      make_shape(1, 4, 6, 71, 3, 3, 1, 1, 1, 1, 1, 1),     // wide rows: in-place interior/border split (no pad copy)
+      make_shape(1, 3, 7, 67, 5, 3, 2, 2, 2, 1, 1, 1),     // wide rows, stride 2
   };
   std::mt19937 rng(1234);
   int failures = 0;
