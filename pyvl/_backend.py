@@ -78,14 +78,21 @@ def reason(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> s
 def default_order(op: str, device: torch.device) -> tuple[str, ...]:
     """Backends to try, fastest first, from measurements (benchmarks/ and benchmarks/results/).
 
-    On the CPU the C++ kernels beat the PyTorch reference at every benchmarked shape (`pyvl bench`). On a GPU
-    only kernels verified there are candidates, ordered by their measured speed; `reference` (cuDNN) follows.
+    On a GPU only kernels verified there are candidates, ordered by their measured speed; `reference` (cuDNN)
+    follows. On the CPU the order per op is _CPU_ORDER, from `pyvl bench`.
     """
     if device.type == "cuda":
         return tuple(_verified.fastest_verified(op, ("cuda", "triton"))) + ("reference",)
     if device.type == "cpu":
-        return ("cpu", "reference")
+        return _CPU_ORDER.get(op, ("cpu", "reference"))
     return ("reference",)
+
+
+# From `pyvl bench` on the 2-core AMD EPYC development machine (fp32, batch 8, MobileNetV1 shapes, 2026-11-23):
+# the fused C++ block beats torch's channels_last dw + relu + 1x1 + relu (geometric mean 1.16x), while the C++
+# depthwise kernel alone is still slower than torch's oneDNN convolution (0.86x NCHW, 0.58x channels_last), so
+# the depthwise op defaults to the reference until the kernel wins.
+_CPU_ORDER = {"depthwise_conv2d": ("reference", "cpu"), "dsconv2d": ("cpu", "reference")}
 
 
 def choose(op: str, backend: str | None, x: torch.Tensor) -> str:
