@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import DepthwiseSeparableConv2d
-from ..nn.depthwise_separable import _ACTIVATIONS, _check_activation
+from ..nn.depthwise_separable import _ACTIVATIONS
+from ..ops.depthwise_conv2d import _check_activation
 
 __all__ = ["MobileNetV1", "mobilenet_v1", "round_channels", "STAGES"]
 
@@ -66,7 +67,7 @@ class MobileNetV1(nn.Module):
                  head_channels: int | None = None, activation: str = "relu6", eps: float = 1e-5,
                  drop_rate: float = 0.0, in_chans: int = 3, backend: str | None = None):
         super().__init__()
-        self.activation = _check_activation(activation)
+        self.activation = _check_activation("activation", activation)
         self.drop_rate = drop_rate
         self.conv_stem = nn.Conv2d(in_chans, stem_channels, 3, 2, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_channels, eps=eps)

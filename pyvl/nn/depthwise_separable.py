@@ -10,21 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops._checks import pair
+from ..ops.depthwise_conv2d import _check_activation
 
 __all__ = ["DepthwiseSeparableConv2d"]
 
 _ACTIVATIONS = {"none": lambda x: x, "relu": F.relu, "relu6": F.relu6}
-
-
-def _check_activation(activation):
-    activation = "none" if activation is None else activation
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation must be one of {tuple(_ACTIVATIONS)}, got {activation!r}")
-    return activation
-
-
-def _pair(value):
-    return (value, value) if isinstance(value, int) else tuple(value)
 
 
 class DepthwiseSeparableConv2d(nn.Module):
@@ -50,10 +41,11 @@ class DepthwiseSeparableConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, padding=None, dilation=1,
                  activation: str = "relu6", eps: float = 1e-5, backend: str | None = None):
         super().__init__()
-        kernel_size, stride, dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+        kernel_size = pair("kernel_size", kernel_size, minimum=1)
+        stride, dilation = pair("stride", stride, minimum=1), pair("dilation", dilation, minimum=1)
         if padding is None:
             padding = (dilation[0] * (kernel_size[0] - 1) // 2, dilation[1] * (kernel_size[1] - 1) // 2)
-        self.activation = _check_activation(activation)
+        self.activation = _check_activation("activation", activation)
         self.backend = backend
         self.stride, self.padding, self.dilation = stride, padding, dilation
         # nn.Conv2d as the parameter holders: timm's key names and PyTorch's default init, and the submodules stay
