@@ -7,10 +7,6 @@ import shutil
 import subprocess
 import sys
 
-# Public ops and the backends that have kernels for them.
-OPS = ("depthwise_conv2d", "dsconv2d")
-
-
 def _version_of(cmd: list[str]) -> str:
     exe = shutil.which(cmd[0])
     if exe is None:
@@ -74,7 +70,7 @@ def info(argv=None) -> int:
         print(f"  {backend:<10} {'available' if why is None else 'unavailable: ' + why}")
 
     print("\nops        backend    status")
-    for op in OPS:
+    for op in _ext.COMPILED_OPS:
         for backend in _backend.BACKENDS:
             if backend == "reference":
                 status = "PyTorch eager; the ground truth"

@@ -246,11 +246,9 @@ def _register():
         torch.library.register_autograd(fused, _make_dsconv_backward(family), setup_context=_dsconv_setup_context)
 
 
-if _ext.LOAD_ERROR is None:
-    _register()
-else:  # the Triton ops register without the extension
+if _ext.LOAD_ERROR is not None:  # no compiled ops to register for; the Triton ops need no extension
     _OPS.pop("compiled")
-    _register()
+_register()
 
 
 def _family(backend: str) -> str:
