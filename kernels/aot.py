@@ -120,37 +120,47 @@ def _compile_one(job):
     return row + (f"  OVER the {limit} B shared-memory limit" if over else ""), over
 
 
-def compile_all(archs, families=FAMILIES, jobs=None, out=sys.stdout) -> int:
-    """Compiles every spec for every arch (in parallel processes), prints the table; returns the failures."""
-    from concurrent.futures import ProcessPoolExecutor
-
+def _work(archs, families):
+    """Every (family, spec index, dtype, arch) to compile."""
     work = []
     for family in families:
         specs = importlib.import_module(f"pyvl.kernels.{family}").AOT_SPECS
         work += [(family, i, dtype, arch) for i, spec in enumerate(specs) for dtype in spec["dtypes"] for arch in archs]
+    return work
+
+
+def _compile_many(work, jobs=None):
+    """(job, table row, failed) for each job, in order; compiles are single-threaded and independent, so they run
+    in one process per core."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
+        for job, (row, failed) in zip(work, pool.map(_compile_one, work)):
+            yield job, row, failed
+
+
+def compile_all(archs, families=FAMILIES, jobs=None, out=sys.stdout) -> int:
+    """Compiles every spec for every arch (in parallel processes), prints the table; returns the failures."""
     print(f"{'kernel':<32} {'dtype':<5} {'arch':<6} {'smem B':>8} {'regs':>5} {'spill B':>8} {'s':>5}", file=out)
     failures = 0
-    # compiles are single-threaded and independent: one process per core
-    with ProcessPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
-        for row, failed in pool.map(_compile_one, work):
-            failures += failed
-            print(row, file=out, flush=True)
+    for _, row, failed in _compile_many(_work(archs, families), jobs):
+        failures += failed
+        print(row, file=out, flush=True)
     if _ptxas() is None:
         print("no ptxas found: registers and spills not measured", file=out)
     return failures
 
 
 def status_by_op(archs=(80, 90), families=FAMILIES) -> dict:
-    """{op: {kernel: compiled for every arch without error or overflow}}, for `pyvl info --compile`.
+    """{op: {kernel: compiled for every arch and dtype without error or overflow}}, for `pyvl info --compile`.
 
     A kernel belongs to the fused op dsconv2d when its name says so, else to its family's op."""
     status: dict = {}
-    for family in families:
-        for i, spec in enumerate(importlib.import_module(f"pyvl.kernels.{family}").AOT_SPECS):
-            name = spec["kernel"].__name__
-            op = "dsconv2d" if "dsconv" in name else family
-            ok = all(not _compile_one((family, i, dtype, arch))[1] for dtype in spec["dtypes"] for arch in archs)
-            status.setdefault(op, {})[name] = ok and status.get(op, {}).get(name, True)
+    for (family, index, _, _), _, failed in _compile_many(_work(archs, families)):
+        name = importlib.import_module(f"pyvl.kernels.{family}").AOT_SPECS[index]["kernel"].__name__
+        op = "dsconv2d" if "dsconv" in name else family
+        kernels = status.setdefault(op, {})
+        kernels[name] = kernels.get(name, True) and not failed
     return status
 
 
