@@ -32,7 +32,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-OPS = ("depthwise_fwd", "depthwise_fwd_bwd", "dsconv2d_fwd", "mobilenet_v1")
+from ._bench_window import WINDOW_OPS, window_cases
+
+OPS = ("depthwise_fwd", "depthwise_fwd_bwd", "dsconv2d_fwd", "mobilenet_v1") + WINDOW_OPS
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -312,6 +314,7 @@ def cases(sizes: str = "quick", device: str | torch.device = "cpu", ops=OPS) -> 
         N, r = size.model_batch[dev], size.model_resolution
         out.append(Case("mobilenet_v1", "nchw", f"N{N} 3x{r}x{r} eval", N, 1, _mobilenet_v1(N, r),
                         {"N": N, "resolution": r, "model": "timm mobilenetv1_100"}))
+    out += window_cases(sizes, device, ops)
     # Stable order: the ops in the order asked, then the shapes in network order.
     return sorted(out, key=lambda c: ops.index(c.op))
 
