@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import pyvl.interop
 import pyvl.models
 from pyvl.models import clip as pclip
-from pyvl.testing import check_error_criterion
+from pyvl.testing import check_error_criterion, randomize_norms
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -27,28 +27,12 @@ VISION_CFGS = {
 }
 
 
-def _randomize(model, seed=0):
-    """Random BN statistics and affine parameters (open_clip zero-inits bn3, which would hide the residual branch)
-    and random LayerNorm parameters, so that every parameter matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(n, generator=g) - 0.5)
-            elif isinstance(m, torch.nn.LayerNorm):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
-    return model
-
-
 def _open_clip_model(kind, seed=0):
     vision_cfg, quick_gelu = VISION_CFGS[kind]
     torch.manual_seed(seed)
-    return _randomize(open_clip.CLIP(32, vision_cfg, TEXT_CFG, quick_gelu=quick_gelu), seed).eval()
+    model = open_clip.CLIP(32, vision_cfg, TEXT_CFG, quick_gelu=quick_gelu)
+    # Random norms: open_clip zero-inits each bottleneck's bn3, which would hide the residual branch.
+    return randomize_norms(model, seed, layer_norms=True).eval()
 
 
 @pytest.fixture(scope="module", params=list(VISION_CFGS))
@@ -89,12 +73,17 @@ needs_similarity_logits = pytest.mark.skipif(
 _FLOAT64 = {}
 
 
-def _criterion(out, fn, oc, name):
-    """out (pyvl in float32) against fn(open_clip in float64) with fn(open_clip in float32) as torch's error."""
+def _float64(oc):
+    """A float64 copy of the open_clip model, made once per model."""
     if id(oc) not in _FLOAT64:
         _FLOAT64[id(oc)] = (oc, copy.deepcopy(oc).double())  # oc kept alive so that its id stays unique
+    return _FLOAT64[id(oc)][1]
+
+
+def _criterion(out, fn, oc, name):
+    """out (pyvl in float32) against fn(open_clip in float64) with fn(open_clip in float32) as torch's error."""
     with torch.no_grad():
-        ref = fn(_FLOAT64[id(oc)][1], torch.float64)
+        ref = fn(_float64(oc), torch.float64)
         torch_out = fn(oc, torch.float32)
     check_error_criterion(out, ref, torch_out, name=name)
 
@@ -124,8 +113,9 @@ def test_forward_output_format_matches_open_clip(pair):
     with torch.no_grad():
         ours, theirs = model(images, text), oc(images, text)
         assert isinstance(ours, tuple) and len(ours) == len(theirs) == 3
+        ref = _float64(oc)(images.double(), text)
         for i, name in enumerate(("image features", "text features")):
-            _criterion(ours[i], lambda m, dt: m(images.to(dt), text)[i], oc, name)
+            check_error_criterion(ours[i], ref[i], theirs[i], name=name)
             torch.testing.assert_close(ours[i].norm(dim=-1), torch.ones(ours[i].shape[0]))
         assert ours[2].shape == theirs[2].shape == ()
         torch.testing.assert_close(ours[2], theirs[2])

@@ -10,7 +10,7 @@ import torch
 import pyvl.interop
 import pyvl.models
 from pyvl.nn import DepthwiseSeparableConv2d
-from pyvl.testing import assert_close_to_reference
+from pyvl.testing import assert_close_to_reference, randomize_norms
 
 timm = pytest.importorskip("timm")
 from timm.models.efficientnet import _gen_mobilenet_v1  # noqa: E402
@@ -20,24 +20,10 @@ from timm.models.efficientnet import _gen_mobilenet_v1  # noqa: E402
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
-def _randomize_norms(model, seed=0):
-    """Random BN statistics and affine parameters, so folding is exercised rather than an identity norm folded."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(n, generator=g) - 0.5)
-    return model
-
-
 @pytest.fixture(scope="module")
 def timm_v1():
     torch.manual_seed(0)
-    return _randomize_norms(timm.create_model("mobilenetv1_100", pretrained=False)).eval()
+    return randomize_norms(timm.create_model("mobilenetv1_100", pretrained=False)).eval()
 
 
 def test_parameter_count():
@@ -71,7 +57,7 @@ def test_from_timm_eval_parity(timm_v1, resolution):
 def test_train_mode_matches_timm():
     """Train mode: same outputs, parameter gradients and updated running statistics as timm's plain PyTorch."""
     torch.manual_seed(1)
-    theirs = _randomize_norms(timm.create_model("mobilenetv1_100", pretrained=False, num_classes=10)).train()
+    theirs = randomize_norms(timm.create_model("mobilenetv1_100", pretrained=False, num_classes=10)).train()
     ours = pyvl.interop.from_timm(theirs)
     assert ours.training
     x = torch.randn(2, 3, 48, 48)
@@ -97,7 +83,7 @@ def test_width_mult_matches_timm_rounding(width_mult):
 
 @pytest.mark.parametrize("name", ["mobilenetv1_100h", "mobilenetv1_125"])
 def test_from_timm_variants(name):
-    theirs = _randomize_norms(timm.create_model(name, pretrained=False)).eval()
+    theirs = randomize_norms(timm.create_model(name, pretrained=False)).eval()
     ours = pyvl.interop.from_timm(theirs)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
     x = torch.randn(2, 3, 32, 32)
@@ -114,7 +100,7 @@ def test_paper_variant_builds():
 @pytest.mark.parametrize("activation", ["relu6", "relu", "none"])
 def test_block_fused_equals_unfused(stride, activation):
     torch.manual_seed(2)
-    block = _randomize_norms(DepthwiseSeparableConv2d(12, 20, 3, stride, activation=activation)).eval()
+    block = randomize_norms(DepthwiseSeparableConv2d(12, 20, 3, stride, activation=activation)).eval()
     x = torch.randn(2, 12, 11, 13, requires_grad=True)
     fused = block(x)
     unfused = block.forward_unfused(x)
@@ -129,7 +115,7 @@ def test_block_fused_equals_unfused(stride, activation):
 
 def test_block_tracks_weight_updates():
     """No stale fold: the eval output follows in-place edits of the weights and running statistics."""
-    block = _randomize_norms(DepthwiseSeparableConv2d(4, 6)).eval()
+    block = randomize_norms(DepthwiseSeparableConv2d(4, 6)).eval()
     x = torch.randn(1, 4, 5, 5)
     with torch.no_grad():
         before = block(x)

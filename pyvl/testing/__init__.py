@@ -9,11 +9,12 @@ import os
 
 from ._criterion import (assert_close_to_reference, assert_gradients_close_to_reference, check_error_criterion,
                          default_atol, gradients)
+from .models import randomize_norms
 
 PROFILE_ENV = "PYVL_HYPOTHESIS_PROFILE"
 
 __all__ = ["assert_close_to_reference", "assert_gradients_close_to_reference", "check_error_criterion",
-           "default_atol", "gradients", "load_profile", "strategies"]
+           "default_atol", "gradients", "load_profile", "randomize_norms", "strategies"]
 
 
 def load_profile(name: str | None = None) -> str:
