@@ -427,7 +427,7 @@ class CLIP(nn.Module):
 
     def get_logits(self, image: torch.Tensor, text: torch.Tensor):
         """(image_logits [B_img, B_txt], text_logits = its transpose): logit_scale.exp() * cosine similarity."""
-        logits = self.logit_scale.exp() * _cosine_logits(self.encode_image(image), self.encode_text(text))
+        logits = _cosine_logits(self.encode_image(image), self.encode_text(text), self.logit_scale.exp())
         return logits, logits.T
 
     def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None):
@@ -479,8 +479,9 @@ def tokenize(texts: str | Sequence[str], context_length: int = 77) -> torch.Tens
 _TOKENIZER = None
 
 
-def _cosine_logits(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """scale * cos(a_i, b_j) from pyvl.ops.similarity_logits (batched similarity logits family)."""
+def _cosine_logits(a: torch.Tensor, b: torch.Tensor, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """scale * cos(a_i, b_j) from pyvl.ops.similarity_logits (batched similarity logits family); scale a float
+    or a one-element tensor, which then gets a gradient."""
     from .. import ops
 
     similarity_logits = getattr(ops, "similarity_logits", None) or _similarity_logits_fallback
@@ -557,6 +558,6 @@ class ZeroShotClassifier(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] images -> [B, num_classes] logits."""
-        scale = float(self.model.logit_scale.exp()) if self.logit_scale is None else float(self.logit_scale)
+        scale = self.model.logit_scale.exp() if self.logit_scale is None else float(self.logit_scale)
         features = self.model.encode_image(image)
         return _cosine_logits(features, self.class_embeddings.to(features.dtype), scale)
