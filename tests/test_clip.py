@@ -137,6 +137,12 @@ def test_logits_match_open_clip(pair):
     torch.testing.assert_close(text_logits, image_logits.T)
     _criterion(image_logits, lambda m, dt: m.get_logits(images.to(dt), text)[0], oc, "logits")
 
+    def scale_grad(m, dt):  # the logit scale's gradient flows through similarity_logits' tensor scale
+        with torch.enable_grad():
+            return torch.autograd.grad(m.get_logits(images.to(dt), text)[0].sum(), m.logit_scale)[0]
+
+    _criterion(scale_grad(model, torch.float32), scale_grad, oc, "logit_scale gradient")
+
 
 def test_gradients_match_open_clip():
     """A training step's parameter gradients (train mode: BN batch statistics) against open_clip's."""
