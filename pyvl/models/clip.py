@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Callable, Sequence
 
 import torch
@@ -118,8 +118,6 @@ def _as_config(cfg, cls, name):
         if unknown:
             raise ValueError(f"{name} has keys {unknown} that pyvl's CLIP does not support; known: {sorted(known)}")
         return cls(**cfg)
-    if all(hasattr(cfg, f.name) for f in fields(cls)):  # e.g. open_clip's CLIPVisionCfg / CLIPTextCfg
-        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
     raise TypeError(f"{name} must be a {cls.__name__} or a dict, got {type(cfg).__name__}")
 
 
@@ -360,9 +358,9 @@ class CLIP(nn.Module):
 
     Args:
         embed_dim: the joint embedding width.
-        vision_cfg: VisionConfig (or a dict of its fields, or open_clip's CLIPVisionCfg): `layers` an int builds a
-            VisionTransformer, a 4-tuple a ModifiedResNet.
-        text_cfg: TextConfig (or a dict, or open_clip's CLIPTextCfg).
+        vision_cfg: VisionConfig or a dict of its fields (open_clip's model_configs/*.json "vision_cfg" for the
+            OpenAI-style models): `layers` an int builds a VisionTransformer, a 4-tuple a ModifiedResNet.
+        text_cfg: TextConfig or a dict of its fields. Keys pyvl does not support raise a ValueError.
         quick_gelu: QuickGELU in the transformers' MLPs (OpenAI's trained models) instead of GELU.
         init_logit_scale: initial log of the logit scale, log(1/0.07) as in the paper.
         output_dict: forward returns a dict instead of a tuple (as open_clip's flag).
