@@ -6,6 +6,7 @@ parameter counts and state_dict keys (on the meta device) and run once at batch 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -144,6 +145,15 @@ def test_logits_match_open_clip(pair):
     _criterion(scale_grad(model, torch.float32), scale_grad, oc, "logit_scale gradient")
 
 
+def test_logits_without_similarity_logits_say_what_is_missing(monkeypatch):
+    model = pyvl.interop.from_open_clip(_open_clip_model("vit-gelu"))
+    monkeypatch.delattr(pyvl.ops, "similarity_logits", raising=False)
+    with pytest.raises(NotImplementedError, match="pyvl.ops.similarity_logits"):
+        model.get_logits(_images(model), _text())
+    with pytest.raises(NotImplementedError, match="pyvl.ops.similarity_logits"):
+        pyvl.models.ZeroShotClassifier(model, CLASSNAMES, TEMPLATES, _tokenizer)(_images(model))
+
+
 def test_gradients_match_open_clip():
     """A training step's parameter gradients (train mode: BN batch statistics) against open_clip's."""
     oc = _open_clip_model("resnet").train()
@@ -186,6 +196,8 @@ def test_from_open_clip_keeps_mode_dtype_and_frozen_parameters():
     assert model.training and model.logit_scale.dtype == torch.float64
     assert not model.visual.conv1.weight.requires_grad and model.visual.proj.requires_grad
     assert model.visual.conv1.weight.data_ptr() != oc.visual.conv1.weight.data_ptr()  # a copy, not shared
+    assert float(pyvl.models.CLIP(32, VISION_CFGS["vit-gelu"][0], TEXT_CFG).logit_scale.detach()) == \
+        pytest.approx(math.log(1 / 0.07))  # the paper's initial temperature 0.07
 
 
 @pytest.mark.parametrize("name", ["ViT-B-32", "RN50"])

@@ -482,18 +482,13 @@ def _cosine_logits(a: torch.Tensor, b: torch.Tensor, scale: float | torch.Tensor
     or a one-element tensor, which then gets a gradient."""
     from .. import ops
 
-    similarity_logits = getattr(ops, "similarity_logits", None) or _similarity_logits_fallback
+    similarity_logits = getattr(ops, "similarity_logits", None)
     if similarity_logits is None:
         raise NotImplementedError(
             "CLIP's cosine logits (CLIP.get_logits, the zero-shot classifier) call pyvl.ops.similarity_logits, "
             "the batched similarity-logits op, which this pyvl does not have yet (it lands with the contrastive "
             "op family); encode_image / encode_text / forward work without it")
     return similarity_logits(a, b, scale=scale, bias=None, normalize=True)
-
-
-def _similarity_logits_fallback(a, b, scale=1.0, bias=None, normalize=True):
-    # TEMPORARY (branch clip-model only): removed once pyvl.ops.similarity_logits is on main.
-    return scale * F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).transpose(-1, -2)
 
 
 def _format(template, classname: str) -> str:
