@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import nn
 
 __all__ = ["from_timm", "register_timm_converter", "timm_architecture"]
@@ -65,6 +66,19 @@ def from_timm(model: nn.Module) -> nn.Module:
         if converter.matches(model):
             return converter.convert(model)
     raise ValueError(f"from_timm supports {_supported()}; got {_describe(model)}")
+
+
+def _build_uninitialized(cls, config: dict) -> nn.Module:
+    """cls(**config) without running its weight init (every parameter is about to be loaded): built on the meta
+    device, then given real storage; non-persistent buffers are recomputed by the modules that own them
+    (init_non_persistent_buffers). Saves the init of large models (seconds for Swin-B)."""
+    with torch.device("meta"):
+        model = cls(**config)
+    model.to_empty(device="cpu")
+    for m in model.modules():
+        if hasattr(m, "init_non_persistent_buffers"):
+            m.init_non_persistent_buffers()
+    return model
 
 
 def _load(pyvl_model: nn.Module, model: nn.Module, state_dict: dict | None = None) -> nn.Module:
@@ -292,4 +306,4 @@ def _convert_swin(model: nn.Module) -> nn.Module:
     except (AttributeError, IndexError) as e:
         raise ValueError(f"from_timm supports timm's {_SWIN_SUPPORTED}; got {_describe(model)} without timm's "
                          f"Swin layout ({e})") from None
-    return _load(SwinTransformer(**config), model)
+    return _load(_build_uninitialized(SwinTransformer, config), model)

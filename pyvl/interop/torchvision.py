@@ -13,7 +13,7 @@ import re
 
 from torch import nn
 
-from .timm import _describe, _load, _Unsupported
+from .timm import _build_uninitialized, _describe, _load, _Unsupported
 
 __all__ = ["from_torchvision"]
 
@@ -148,4 +148,4 @@ def from_torchvision(model: nn.Module) -> nn.Module:
         new = _rename(key, is_3d)
         if new is not None:
             state[new] = value
-    return _load(cls(**config), model, state)
+    return _load(_build_uninitialized(cls, config), model, state)

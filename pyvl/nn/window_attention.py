@@ -13,7 +13,10 @@ decided here, following the peer named by the arguments:
   The bias is then taken, as those peers do, from the full window's relative position index cut to [:N, :N]
   (N the shrunk window's volume), which for a shrunk window is not the shrunk window's own relative positions;
   pyvl reproduces that with a dense rel_bias. timm shrinks 2D windows once, at construction, from its img_size:
-  the models do that and pass the shrunk window here.
+  the models do that and pass the shrunk window here. timm models built with dynamic_img_size then keep that
+  window for every input, and still shift a dim that one window covers (pad_first=False, size <= window); the op
+  drops such a shift (torchvision's rule), so the module runs that dim unshifted and passes timm's positions and
+  mask in a dense rel_bias (rolled_window_bias).
 
 Parameter names follow the peers (qkv, proj, relative_position_bias_table; V2: logit_scale, cpb_mlp, q_bias /
 v_bias as timm or qkv.bias as torchvision), so peer state_dicts load as they are. Attention dropout is not
@@ -57,15 +60,51 @@ def _nd_of(window_size) -> int:
     return len(window_size) if isinstance(window_size, (tuple, list)) else 2
 
 
-def relative_position_index(window: tuple[int, ...], device=None) -> torch.Tensor:
-    """[N, N] row of the relative position bias table for each query/key pair of a window (N = prod(window),
-    row-major): sum over dims of (c_i - c_j + w - 1) * prod(2w' - 1 over the later dims), as every peer."""
-    coords = torch.stack(torch.meshgrid(*[torch.arange(w, device=device) for w in window], indexing="ij"))
-    rel = coords.flatten(1)[:, :, None] - coords.flatten(1)[:, None, :]  # [nd, N, N]
-    index = torch.zeros(rel.shape[1:], dtype=torch.long, device=device)
+def _window_coords(window: tuple[int, ...], device=None) -> torch.Tensor:
+    """[nd, N]: each window token's coordinate per dim, tokens in row-major order."""
+    return torch.stack(torch.meshgrid(*[torch.arange(w, device=device) for w in window], indexing="ij")).flatten(1)
+
+
+def _index(coords: torch.Tensor, window: tuple[int, ...]) -> torch.Tensor:
+    rel = coords[:, :, None] - coords[:, None, :]  # [nd, N, N]
+    index = torch.zeros(rel.shape[1:], dtype=torch.long, device=coords.device)
     for dim, w in enumerate(window):
         index += (rel[dim] + w - 1) * math.prod(2 * v - 1 for v in window[dim + 1:])
     return index
+
+
+def relative_position_index(window: tuple[int, ...], device=None) -> torch.Tensor:
+    """[N, N] row of the relative position bias table for each query/key pair of a window (N = prod(window),
+    row-major): sum over dims of (c_i - c_j + w - 1) * prod(2w' - 1 over the later dims), as every peer."""
+    return _index(_window_coords(window, device), window)
+
+
+def _gather(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    n = index.shape[0]
+    return table[index.reshape(-1)].view(n, n, -1).permute(2, 0, 1)
+
+
+def rolled_window_bias(table: torch.Tensor, window, sizes, shift, dims, mask_value: float = -100.0) -> torch.Tensor:
+    """Dense [heads, N, N] bias that makes an unshifted window behave like timm's roll-then-pad in `dims`, dims
+    where one window covers the whole input (size <= window) and timm still shifts.
+
+    timm rolls the S tokens of such a dim by -s and pads after them, so token c (c < S) sits at grid position
+    (c - s) mod S, padding stays at c >= S, and positions r >= w - s form a second shift-mask region. Attention
+    inside one window does not care where tokens sit except through the bias and the mask, so the op runs that
+    dim unshifted and this bias carries timm's positions and mask. (pyvl.ops.window_attention drops a shift
+    where the window covers the padded size, torchvision's rule; timm with dynamic_img_size keeps it.) Where a
+    pair is also masked by the op's shift in another dim the logit gets mask_value twice: both are ~exp(-100)
+    or less after the softmax, below any dtype's resolution of the result.
+    """
+    coords = _window_coords(window, table.device)
+    masked = torch.zeros(coords.shape[1], coords.shape[1], dtype=torch.bool, device=table.device)
+    for d in dims:
+        c, n, s = coords[d], sizes[d], shift[d]
+        coords[d] = torch.where(c < n, (c - s) % n, c)
+        region = coords[d] >= window[d] - s
+        masked |= region[:, None] != region[None, :]
+    bias = _gather(table, _index(coords, window))
+    return bias + torch.zeros_like(bias).masked_fill(masked, mask_value)
 
 
 class _WindowAttentionBase(nn.Module):
@@ -104,8 +143,24 @@ class _WindowAttentionBase(nn.Module):
     def _qkv_bias(self) -> torch.Tensor | None:
         return self.qkv.bias
 
-    def _bias_kwargs(self, window) -> dict:
+    def _bias_table(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def _logit_kwargs(self) -> dict:
+        return {}
+
+    def _bias(self, sizes, window, shift) -> tuple[tuple[int, ...], dict]:
+        """(shift passed to the op, its bias arguments) for this input."""
+        table = self._bias_table()
+        if window != self.window_size:
+            # A shrunk window (shrink_to_input): the peers' [:N, :N] cut of the full window's index.
+            n = math.prod(window)
+            return shift, {"rel_bias": _gather(table, relative_position_index(self.window_size, table.device)[:n, :n])}
+        folded = [d for d, (n, w, s) in enumerate(zip(sizes, window, shift)) if s and n <= w and not self.pad_first]
+        if folded:
+            op_shift = tuple(0 if d in folded else s for d, s in enumerate(shift))
+            return op_shift, {"rel_bias": rolled_window_bias(table, window, sizes, shift, folded)}
+        return shift, {"rel_bias_table": table}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         nd = len(self.window_size)
@@ -118,11 +173,12 @@ class _WindowAttentionBase(nn.Module):
         qkv = F.linear(x, self.qkv.weight, bias).view(B, *sizes, 3, heads, d)
         q, k, v = qkv.unbind(-3)
         window, shift = self.geometry(sizes)
+        shift, bias_kwargs = self._bias(sizes, window, shift)
         pad_kv = None
         if bias is not None and any(s % w for s, w in zip(sizes, window)):
             pad_kv = (bias[C:2 * C].view(heads, d), bias[2 * C:].view(heads, d))
         out = window_attention(q, k, v, window, shift, pad_kv=pad_kv, pad_first=self.pad_first,
-                               backend=self.backend, **self._bias_kwargs(window))
+                               backend=self.backend, **bias_kwargs, **self._logit_kwargs())
         return self.proj_drop(self.proj(out.view(B, *sizes, C)))
 
 
@@ -149,13 +205,8 @@ class WindowAttention(_WindowAttentionBase):
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         self._make_projections(qkv_bias)
 
-    def _bias_kwargs(self, window) -> dict:
-        if window == self.window_size:
-            return {"rel_bias_table": self.relative_position_bias_table}
-        # A shrunk window (shrink_to_input): the peers' [:N, :N] cut of the full window's index.
-        n = math.prod(window)
-        index = relative_position_index(self.window_size, self.relative_position_bias_table.device)[:n, :n]
-        return {"rel_bias": self.relative_position_bias_table[index.reshape(-1)].view(n, n, -1).permute(2, 0, 1)}
+    def _bias_table(self) -> torch.Tensor:
+        return self.relative_position_bias_table
 
 
 class WindowAttention3D(WindowAttention):
@@ -188,6 +239,10 @@ class ContinuousPositionBias(nn.Sequential):
         super().__init__(nn.Linear(2, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_heads, bias=False))
         self.window_size, self.pretrained_window_size, self.num_heads = window, pretrained, num_heads
         self.register_buffer("relative_coords_table", self._coords(), persistent=False)
+
+    def init_non_persistent_buffers(self) -> None:
+        """Recompute the coordinates table (after to_empty, as timm's modules of the same name)."""
+        self.relative_coords_table = self._coords().to(self.relative_coords_table.device)
 
     def _coords(self) -> torch.Tensor:
         ref = self.pretrained_window_size if self.pretrained_window_size[0] > 0 else self.window_size
@@ -242,5 +297,8 @@ class WindowAttentionV2(_WindowAttentionBase):
             return torch.cat((b[:self.dim], torch.zeros_like(b[:self.dim]), b[2 * self.dim:]))
         return None
 
-    def _bias_kwargs(self, window) -> dict:
-        return {"rel_bias_table": self.cpb_mlp(), "logit_scale": self.logit_scale}
+    def _bias_table(self) -> torch.Tensor:
+        return self.cpb_mlp()
+
+    def _logit_kwargs(self) -> dict:
+        return {"logit_scale": self.logit_scale}
