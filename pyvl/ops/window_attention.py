@@ -92,7 +92,7 @@ def _check(q, k, v, window_size, shift_size, rel_bias_table, rel_bias, logit_sca
         raise ValueError("pass rel_bias_table or rel_bias, not both")
     if rel_bias_table is not None:
         check_tensor("rel_bias_table", rel_bias_table, like=q)
-        rows = math.prod(2 * w - 1 for w in window)
+        rows = math.prod([2 * w - 1 for w in window])
         if tuple(rel_bias_table.shape) != (rows, heads):
             raise ValueError(f"rel_bias_table must have shape [{rows}, {heads}] (prod(2w - 1) over window "
                              f"{window}, heads), got {tuple(rel_bias_table.shape)}")
@@ -135,12 +135,70 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_s
     if logit_scale is None and scale is None:
         scale = q.shape[-1] ** -0.5
     pad_k, pad_v = pad_kv if pad_kv is not None else (None, None)
-    args = (q, k, v, window, shift, rel_bias_table, rel_bias,
+    args = (q, k, v, list(window), list(shift), rel_bias_table, rel_bias,
             logit_scale.reshape(-1) if logit_scale is not None else None, None if scale is None else float(scale),
             pad_k, pad_v, bool(pad_first), float(mask_value))
     name = _backend.choose(OP, backend, q)
     return _IMPLEMENTATIONS[name](*args)
 
 
-# Backends: each takes the normalized argument tuple above. Kernel backends register themselves here.
+# ----------------------------------------------------------------------------------------------------------------
+# Kernel backends. Every kernel family (the C++ ops in csrc/, the Triton custom ops over pyvl.kernels) provides two
+# ops with one schema, and register_kernel_family gives them fake kernels and autograd:
+#
+#   window_attention(Tensor q, Tensor k, Tensor v, int[] window, int[] shift, Tensor? rel_bias_table,
+#       Tensor? rel_bias, Tensor? logit_scale, float? scale, Tensor? pad_k, Tensor? pad_v, bool pad_first,
+#       float mask_value) -> (Tensor out, Tensor lse)
+#     out: q's shape, contiguous, q's dtype. lse: (B, *S, heads), float32 (float64 for float64 inputs), the
+#     log-sum-exp of every real query's logits (what the backward needs to rebuild the probabilities).
+#   window_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, int[] window,
+#       int[] shift, Tensor? rel_bias_table, Tensor? rel_bias, Tensor? logit_scale, float? scale, Tensor? pad_k,
+#       Tensor? pad_v, bool pad_first, float mask_value, bool[] needs) -> (Tensor dq, Tensor dk, Tensor dv,
+#       Tensor d_rel_bias_table, Tensor d_rel_bias, Tensor d_logit_scale, Tensor d_pad_k, Tensor d_pad_v)
+#     needs: 8 flags, which of the 8 gradients to compute; a gradient not needed (or whose input is None) comes back
+#     as an empty tensor of shape [0]. Gradients have their input's shape and dtype (dq, dk, dv contiguous).
+#
+# The arguments the ops see are normalized by window_attention() below: window and shift per spatial dim (shift
+# already zeroed where the window covers the padded size), logit_scale flattened to [heads], scale a float unless
+# logit_scale is given. q, k, v may have any strides with a unit stride on d.
+
 _IMPLEMENTATIONS = {"reference": ref.window_attention}
+_GRAD_INPUTS = (0, 1, 2, 5, 6, 7, 9, 10)  # positions in the forward's arguments of q, k, v, table, bias, ls, pk, pv
+
+
+def _fake_forward(q, k, v, window, shift, table, bias, logit_scale, scale, pad_k, pad_v, pad_first, mask_value):
+    stats = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:-1], dtype=stats)
+
+
+def _fake_backward(grad_out, q, k, v, out, lse, window, shift, table, bias, logit_scale, scale, pad_k, pad_v,
+                   pad_first, mask_value, needs):
+    inputs = (q, k, v, table, bias, logit_scale, pad_k, pad_v)
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None and need
+                 else q.new_empty((0,)) for t, need in zip(inputs, needs))
+
+
+def register_kernel_family(backend: str, forward_op: str, backward_op: str) -> None:
+    """Registers fake kernels and autograd for a (forward, backward) pair of ops with the schema above, and makes
+    `backend` run window_attention through them. forward_op / backward_op: qualified names ("pyvl::...")."""
+    torch.library.register_fake(forward_op)(_fake_forward)
+    torch.library.register_fake(backward_op)(_fake_backward)
+    fwd = getattr(torch.ops.pyvl, forward_op.split("::")[1]).default
+    bwd = getattr(torch.ops.pyvl, backward_op.split("::")[1]).default
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, window, shift, table, bias, logit_scale, scale, pad_k, pad_v, pad_first, mask_value = inputs
+        ctx.save_for_backward(q, k, v, output[0], output[1], table, bias, logit_scale, pad_k, pad_v)
+        ctx.static = (window, shift, scale, pad_first, mask_value)
+
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, table, bias, logit_scale, pad_k, pad_v = ctx.saved_tensors
+        window, shift, scale, pad_first, mask_value = ctx.static
+        needs = [ctx.needs_input_grad[i] for i in _GRAD_INPUTS]
+        grads = bwd(grad_out.contiguous(), q, k, v, out, lse, window, shift, table, bias, logit_scale, scale, pad_k,
+                    pad_v, pad_first, mask_value, needs)
+        g = [gr if need else None for gr, need in zip(grads, needs)]
+        return g[0], g[1], g[2], None, None, g[3], g[4], g[5], None, g[6], g[7], None, None
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+    _IMPLEMENTATIONS[backend] = lambda *args: fwd(*args)[0]
