@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.window_attention import WindowAttention, WindowAttentionV2
+from ..ops._checks import pair
 
 __all__ = ["SwinTransformer", "swin_t", "swin_s", "swin_b", "swin_l", "swin_v2_t", "swin_v2_s", "swin_v2_b",
            "stage_windows"]
@@ -155,22 +156,13 @@ def drop_path_rates(drop_path_rate: float, depths) -> list[float]:
     return [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
 
 
-def _pair(name: str, value) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value):
-        return (int(value[0]), int(value[1]))
-    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-
-
 def _per_stage(name: str, value, stages: int) -> list[tuple[int, int]]:
     """An int or (h, w) for every stage, or a list with one int or (h, w) per stage (a list of two ints is one
     (h, w), as timm reads it)."""
     if isinstance(value, (tuple, list)) and len(value) == stages and not (
             len(value) == 2 and all(isinstance(v, int) for v in value)):
-        return [_pair(name, v) for v in value]
-    return [_pair(name, value)] * stages
+        return [pair(name, v, minimum=0) for v in value]
+    return [pair(name, value, minimum=0)] * stages
 
 
 def stage_windows(flavor: str, windows, depths, img_size=None, patch_size=(4, 4)):
@@ -183,7 +175,7 @@ def stage_windows(flavor: str, windows, depths, img_size=None, patch_size=(4, 4)
     out = []
     grid = None
     if flavor == "timm":
-        grid = tuple(s // p for s, p in zip(_pair("img_size", img_size), patch_size))
+        grid = tuple(s // p for s, p in zip(pair("img_size", img_size, minimum=1), patch_size))
     for i, window in enumerate(windows):
         shift = tuple(w // 2 for w in window)
         if flavor == "timm":
@@ -231,8 +223,8 @@ class SwinTransformer(nn.Module):
         if flavor == "torchvision" and any(max(p) > 0 for p in pretrained):
             raise ValueError("pretrained_window_sizes needs flavor='timm' (torchvision has no pretrained window size)")
         self.version, self.flavor, self.backend = version, flavor, backend
-        self.patch_size = _pair("patch_size", patch_size)
-        self.img_size = _pair("img_size", img_size) if flavor == "timm" else None
+        self.patch_size = pair("patch_size", patch_size, minimum=1)
+        self.img_size = pair("img_size", img_size, minimum=1) if flavor == "timm" else None
         self.num_classes = num_classes
         self.num_features = embed_dim * 2 ** (stages - 1)
         geometry = stage_windows(flavor, _per_stage("window_size", window_size, stages), depths, self.img_size,

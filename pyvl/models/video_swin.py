@@ -26,18 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.window_attention import WindowAttention3D
+from ..ops.window_attention import _per_dim
 from .swin import ClassifierHead, PatchMerging, SwinBlock, SwinStage, drop_path_rates
 
 __all__ = ["VideoSwinTransformer", "video_swin_t", "video_swin_s", "video_swin_b"]
-
-
-def _triple(name: str, value) -> tuple[int, int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value,) * 3
-    if isinstance(value, (tuple, list)) and len(value) == 3 and all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
-        return tuple(int(v) for v in value)
-    raise TypeError(f"{name} must be an int or 3 positive ints (T, H, W), got {value!r}")
 
 
 class VideoSwinTransformer(nn.Module):
@@ -63,8 +55,8 @@ class VideoSwinTransformer(nn.Module):
         depths, num_heads = tuple(depths), tuple(num_heads)
         if len(depths) != len(num_heads) or not depths:
             raise ValueError(f"depths and num_heads must have one entry per stage, got {depths} and {num_heads}")
-        window = _triple("window_size", window_size)
-        self.patch_size = _triple("patch_size", patch_size)
+        window = _per_dim("window_size", window_size, 3, 1)
+        self.patch_size = _per_dim("patch_size", patch_size, 3, 1)
         self.num_classes, self.backend = num_classes, backend
         self.num_features = embed_dim * 2 ** (len(depths) - 1)
         self.patch_embed = nn.Module()

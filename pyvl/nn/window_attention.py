@@ -30,27 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.window_attention import window_attention
+from ..ops.window_attention import _per_dim, window_attention
 
 __all__ = ["ContinuousPositionBias", "WindowAttention", "WindowAttention3D", "WindowAttentionV2",
            "relative_position_index"]
 
 
-def _per_dim(name: str, value, nd: int) -> tuple[int, ...]:
-    if isinstance(value, bool) or not isinstance(value, (int, tuple, list)):
-        raise TypeError(f"{name} must be an int or a tuple of {nd} ints, got {value!r}")
-    value = (value,) * nd if isinstance(value, int) else tuple(value)
-    if len(value) != nd or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise TypeError(f"{name} must be an int or a tuple of {nd} ints, got {value!r}")
-    return tuple(int(v) for v in value)
-
-
 def _window_and_shift(window_size, shift_size, nd: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     if nd not in (2, 3):
         raise ValueError(f"window_size must have 2 (image) or 3 (video) entries, got {window_size!r}")
-    window, shift = _per_dim("window_size", window_size, nd), _per_dim("shift_size", shift_size, nd)
-    if min(window) < 1:
-        raise ValueError(f"window_size must be >= 1 in every dim, got {window}")
+    window, shift = _per_dim("window_size", window_size, nd, 1), _per_dim("shift_size", shift_size, nd, 0)
     if any(not 0 <= s < w for s, w in zip(shift, window)):
         raise ValueError(f"shift_size must satisfy 0 <= shift < window in every dim, got {shift} for {window}")
     return window, shift
@@ -234,8 +223,8 @@ class ContinuousPositionBias(nn.Sequential):
     """
 
     def __init__(self, window_size, num_heads: int, pretrained_window_size=0, hidden: int = 512):
-        window = _per_dim("window_size", window_size, 2)
-        pretrained = _per_dim("pretrained_window_size", pretrained_window_size, 2)
+        window = _per_dim("window_size", window_size, 2, 1)
+        pretrained = _per_dim("pretrained_window_size", pretrained_window_size, 2, 0)
         super().__init__(nn.Linear(2, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_heads, bias=False))
         self.window_size, self.pretrained_window_size, self.num_heads = window, pretrained, num_heads
         self.register_buffer("relative_coords_table", self._coords(), persistent=False)
