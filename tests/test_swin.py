@@ -277,3 +277,18 @@ def test_bad_arguments_raise_named_errors():
         pyvl.interop.from_torchvision(torchvision.models.resnet18())
     with pytest.raises(ValueError, match="attention dropout"):
         pyvl.interop.from_torchvision(TvSwin([4, 4], window_size=[7, 7], attention_dropout=0.1, **SMALL))
+
+
+def test_compiles_fullgraph():
+    """The modules' Python (geometry, bias gathers, timm's rolled-window bias) traces into one graph, forward and
+    backward. aot_eager checks the capture without Inductor's code generation (minutes on 2 cores)."""
+    torch.manual_seed(0)
+    model = pyvl.models.SwinTransformer(16, (2,), (2,), window_size=8, version=2, flavor="timm", img_size=(64, 64),
+                                        num_classes=5)
+    x = _input(24, 40)  # 6x10 tokens: the stage keeps timm's 8x8 window and its shift in a dim one window covers
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out, grads = _grads(compiled, x)
+    ref, ref_grads = _grads(model, x)
+    torch.testing.assert_close(out, ref)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name.removeprefix("_orig_mod.")], msg=name)

@@ -58,7 +58,7 @@ def _index(coords: torch.Tensor, window: tuple[int, ...]) -> torch.Tensor:
     rel = coords[:, :, None] - coords[:, None, :]  # [nd, N, N]
     index = torch.zeros(rel.shape[1:], dtype=torch.long, device=coords.device)
     for dim, w in enumerate(window):
-        index += (rel[dim] + w - 1) * math.prod(2 * v - 1 for v in window[dim + 1:])
+        index += (rel[dim] + w - 1) * math.prod([2 * v - 1 for v in window[dim + 1:]])
     return index
 
 
