@@ -112,7 +112,6 @@ class _WindowAttentionBase(nn.Module):
         self._proj_drop = proj_drop
 
     def _make_projections(self, qkv_bias: bool) -> None:
-        # Created after the bias parameters so that the state_dict lists keys in the peers' order.
         self.qkv = nn.Linear(self.dim, 3 * self.dim, bias=qkv_bias)
         self.proj = nn.Linear(self.dim, self.dim)
         self.proj_drop = nn.Dropout(self._proj_drop)
