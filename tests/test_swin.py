@@ -4,6 +4,7 @@ does not divide, and that are smaller than the window; pyvl.patch keeps outputs 
 from __future__ import annotations
 
 import copy
+import io
 import math
 
 import pytest
@@ -190,7 +191,7 @@ def test_patch_keeps_outputs_and_gradients(case):
         check_error_criterion(g, grads64[name], grads32[name], name=f"{case} gradient of {name}")
 
 
-def test_patch_shares_parameters_and_survives_deepcopy():
+def test_patch_shares_parameters_and_survives_deepcopy_and_pickle():
     peer = _tv_v2()
     params = {id(p) for p in peer.parameters()}
     pyvl.patch(peer)
@@ -202,6 +203,11 @@ def test_patch_shares_parameters_and_survives_deepcopy():
             p.mul_(0.5)  # the clone's blocks must run the clone's (changed) attention, not the original's
         x = _input(56, 56)
         assert not torch.allclose(clone(x), timm_peer(x))
+        buffer = io.BytesIO()
+        torch.save(timm_peer, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        torch.testing.assert_close(loaded(x), timm_peer(x), rtol=0, atol=0)
 
 
 def test_patch_rejects_models_without_swin_attention():

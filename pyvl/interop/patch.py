@@ -14,8 +14,6 @@ relative_position_index, relative_coords_table) are carried over unchanged, so c
 """
 from __future__ import annotations
 
-import types
-
 from torch import nn
 
 from ..nn.window_attention import WindowAttention, WindowAttention3D, WindowAttentionV2
@@ -86,10 +84,16 @@ def _timm_attention(block: nn.Module) -> nn.Module | None:
     return _share(ours, attn, ("qkv", "proj", "relative_position_bias_table"))
 
 
-def _call_attn(block: nn.Module, x):
-    # Replaces a patched timm block's _attn (roll, pad, partition, attention, reverse): pyvl's module does it all.
-    # A bound method (not a lambda) so that copy.deepcopy binds the copy to the copied block.
-    return block.attn(x)
+class _BlockAttn:
+    """Stands in for a patched timm block's _attn (roll, pad, partition, attention, reverse): pyvl's module does it
+    all. A module-level class holding the block, so that copy.deepcopy and pickle (torch.save of the whole model)
+    bind the copy to the copied block."""
+
+    def __init__(self, block: nn.Module):
+        self.block = block
+
+    def __call__(self, x):
+        return self.block.attn(x)
 
 
 def patch(model: nn.Module) -> nn.Module:
@@ -110,7 +114,7 @@ def patch(model: nn.Module) -> nn.Module:
             module.attn = ours
             # An instance attribute shadows the block's _attn method; object.__setattr__ keeps nn.Module from
             # treating it as anything but a plain attribute.
-            object.__setattr__(module, "_attn", types.MethodType(_call_attn, module))
+            object.__setattr__(module, "_attn", _BlockAttn(module))
             swapped += 1
     if swapped == 0 and not any(isinstance(m, (WindowAttention, WindowAttentionV2)) for m in model.modules()):
         raise ValueError(f"pyvl.patch found no torchvision or timm Swin / Swin V2 / Video Swin attention in "
