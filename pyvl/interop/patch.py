@@ -1,4 +1,5 @@
-"""pyvl.patch(model): swap the attention of a torchvision or timm Swin / Swin V2 / Video Swin model for pyvl's, in place.
+"""pyvl.patch(model): swap, in place, the attention of a torchvision or timm Swin / Swin V2 / Video Swin model for
+pyvl's.
 
 The pyvl modules share the peer's parameters (the same nn.Linear modules and nn.Parameter objects), so an optimizer
 built before or after patching trains them, and the outputs and gradients are those of the peer up to rounding.

@@ -34,7 +34,6 @@ load_state_dict and from_torchvision renames keys.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

@@ -105,7 +105,8 @@ class _WindowAttentionBase(nn.Module):
         if not (isinstance(dim, int) and isinstance(num_heads, int) and num_heads > 0 and dim % num_heads == 0):
             raise ValueError(f"dim must be a multiple of num_heads, got dim={dim!r}, num_heads={num_heads!r}")
         if attn_drop:
-            raise ValueError(f"attn_drop must be 0: pyvl.ops.window_attention has no attention dropout, got {attn_drop}")
+            raise ValueError(f"attn_drop must be 0 (pyvl.ops.window_attention has no attention dropout), "
+                             f"got {attn_drop}")
         self.dim, self.num_heads = dim, num_heads
         self.window_size, self.shift_size = _window_and_shift(window_size, shift_size, _nd_of(window_size))
         self.pad_first, self.shrink_to_input, self.backend = bool(pad_first), bool(shrink_to_input), backend
