@@ -1,7 +1,8 @@
-"""State-dict converters from peer libraries' models to pyvl's."""
+"""State-dict converters from peer libraries' models to pyvl's, and patch(model) that swaps a peer model's
+modules for pyvl's in place."""
+from .open_clip import from_open_clip
+from .patch import patch
 from .timm import from_timm, register_timm_converter
+from .torchvision import from_torchvision
 
-__all__ = ["from_timm", "register_timm_converter"]
-from .open_clip import from_open_clip  # noqa: E402
-
-__all__ += ["from_open_clip"]
+__all__ = ["from_open_clip", "from_timm", "from_torchvision", "patch", "register_timm_converter"]
