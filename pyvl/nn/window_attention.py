@@ -14,9 +14,8 @@ decided here, following the peer named by the arguments:
   (N the shrunk window's volume), which for a shrunk window is not the shrunk window's own relative positions;
   pyvl reproduces that with a dense rel_bias. timm shrinks 2D windows once, at construction, from its img_size:
   the models do that and pass the shrunk window here. timm models built with dynamic_img_size then keep that
-  window for every input, and still shift a dim that one window covers (pad_first=False, size <= window); the op
-  drops such a shift (torchvision's rule), so the module runs that dim unshifted and passes timm's positions and
-  mask in a dense rel_bias (rolled_window_bias).
+  window for every input, and still shift a dim that one window covers; the op keeps such a shift with
+  pad_first=False, as timm does.
 
 Parameter names follow the peers (qkv, proj, relative_position_bias_table; V2: logit_scale, cpb_mlp, q_bias /
 v_bias as timm or qkv.bias as torchvision), so peer state_dicts load as they are. Attention dropout is not
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.window_attention import _per_dim, window_attention
+from ..ops.window_attention import _per_dim, relative_position_index, window_attention
 
 __all__ = ["ContinuousPositionBias", "WindowAttention", "WindowAttention3D", "WindowAttentionV2",
            "relative_position_index"]
@@ -49,51 +48,9 @@ def _nd_of(window_size) -> int:
     return len(window_size) if isinstance(window_size, (tuple, list)) else 2
 
 
-def _window_coords(window: tuple[int, ...], device=None) -> torch.Tensor:
-    """[nd, N]: each window token's coordinate per dim, tokens in row-major order."""
-    return torch.stack(torch.meshgrid(*[torch.arange(w, device=device) for w in window], indexing="ij")).flatten(1)
-
-
-def _index(coords: torch.Tensor, window: tuple[int, ...]) -> torch.Tensor:
-    rel = coords[:, :, None] - coords[:, None, :]  # [nd, N, N]
-    index = torch.zeros(rel.shape[1:], dtype=torch.long, device=coords.device)
-    for dim, w in enumerate(window):
-        index += (rel[dim] + w - 1) * math.prod([2 * v - 1 for v in window[dim + 1:]])
-    return index
-
-
-def relative_position_index(window: tuple[int, ...], device=None) -> torch.Tensor:
-    """[N, N] row of the relative position bias table for each query/key pair of a window (N = prod(window),
-    row-major): sum over dims of (c_i - c_j + w - 1) * prod(2w' - 1 over the later dims), as every peer."""
-    return _index(_window_coords(window, device), window)
-
-
 def _gather(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     n = index.shape[0]
     return table[index.reshape(-1)].view(n, n, -1).permute(2, 0, 1)
-
-
-def rolled_window_bias(table: torch.Tensor, window, sizes, shift, dims, mask_value: float = -100.0) -> torch.Tensor:
-    """Dense [heads, N, N] bias that makes an unshifted window behave like timm's roll-then-pad in `dims`, dims
-    where one window covers the whole input (size <= window) and timm still shifts.
-
-    timm rolls the S tokens of such a dim by -s and pads after them, so token c (c < S) sits at grid position
-    (c - s) mod S, padding stays at c >= S, and positions r >= w - s form a second shift-mask region. Attention
-    inside one window does not care where tokens sit except through the bias and the mask, so the op runs that
-    dim unshifted and this bias carries timm's positions and mask. (pyvl.ops.window_attention drops a shift
-    where the window covers the padded size, torchvision's rule; timm with dynamic_img_size keeps it.) Where a
-    pair is also masked by the op's shift in another dim the logit gets mask_value twice: both are ~exp(-100)
-    or less after the softmax, below any dtype's resolution of the result.
-    """
-    coords = _window_coords(window, table.device)
-    masked = torch.zeros(coords.shape[1], coords.shape[1], dtype=torch.bool, device=table.device)
-    for d in dims:
-        c, n, s = coords[d], sizes[d], shift[d]
-        coords[d] = torch.where(c < n, (c - s) % n, c)
-        region = coords[d] >= window[d] - s
-        masked |= region[:, None] != region[None, :]
-    bias = _gather(table, _index(coords, window))
-    return bias + torch.zeros_like(bias).masked_fill(masked, mask_value)
 
 
 class _WindowAttentionBase(nn.Module):
@@ -145,10 +102,6 @@ class _WindowAttentionBase(nn.Module):
             # A shrunk window (shrink_to_input): the peers' [:N, :N] cut of the full window's index.
             n = math.prod(window)
             return shift, {"rel_bias": _gather(table, relative_position_index(self.window_size, table.device)[:n, :n])}
-        folded = [d for d, (n, w, s) in enumerate(zip(sizes, window, shift)) if s and n <= w and not self.pad_first]
-        if folded:
-            op_shift = tuple(0 if d in folded else s for d, s in enumerate(shift))
-            return op_shift, {"rel_bias": rolled_window_bias(table, window, sizes, shift, folded)}
         return shift, {"rel_bias_table": table}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
