@@ -89,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sequential_attention_
   const int64_t bias_B = want_bias ? bias->size(0) : 1, bias_H = want_bias ? bias->size(1) : 1;
   // The kernel reduces over broadcast batch / head dims; a bias broadcast along queries or keys gets the dense
   // [.., N, M] gradient first and is summed below (key-padding masks are constants in practice).
-  at::Tensor gb = want_bias ? at::empty({bias_B, bias_H, s.N, s.M}, qc.options()) : at::empty({0}, qc.options());
+  at::Tensor gb = want_bias ? at::empty({bias_B, bias_H, s.N, s.M}, qc.options()) : at::empty({0}, q.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "pyvl::sequential_attention_backward", [&] {
     cpu::sequential_attention_backward<scalar_t>(
         go.const_data_ptr<scalar_t>(), qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(),
