@@ -43,6 +43,9 @@ def test_rows_cover_every_case(result):
                 assert (op, layout, f"torch {layout}", shape) in got
         for peer in ("torch channels_last", "torch nchw"):
             assert ("dsconv2d_fwd", "channels_last", peer, shape) in got
+    for op in ("sequential_attention_fwd", "sequential_attention_fwd_bwd"):
+        for N in bench.SIZES["tiny"].attention_n["cpu"]:
+            assert (op, "bhnd", "torch sdpa", f"B1 H4 N{N} d32 bias[N,N]") in got
     model = [r for r in rows if r["op"] == "mobilenet_v1"]
     assert len(model) == 1
     # The model runs where pyvl.interop.from_timm exists and is skipped, with a reason, where it does not yet.
@@ -61,7 +64,12 @@ def test_ratios_positive_finite(result):
         assert len(r["pyvl"]["times_ms"]) == data["args"]["repeats"] or r["op"] == "mobilenet_v1"
         if r["op"] != "mobilenet_v1":
             assert _finite_positive(r["pyvl"]["gbps"]) and _finite_positive(r["pyvl"]["frac_copy"])
-        assert r["pyvl"]["peak_mib"] is None  # no CPU allocator statistics, reported as n/a
+        if r["op"].startswith("sequential_attention"):
+            # CPU peak memory from the peak resident set of a fresh process (subprocess_peak_memory)
+            assert r["pyvl"]["peak_mib"] is not None and r["pyvl"]["peak_mib"] >= 0
+            assert r["peer_stats"]["peak_mib"] is not None and r["peer_stats"]["peak_mib"] >= 0
+        else:
+            assert r["pyvl"]["peak_mib"] is None  # no CPU allocator statistics, reported as n/a
     for key, m in data["geomeans"].items():
         assert _finite_positive(m["geomean"]) and _finite_positive(m["geomean_network_weighted"]), key
 
@@ -76,3 +84,13 @@ def test_cases_shared_with_benchmarks():
     quick = bench.cases("quick", "cpu", ("depthwise_fwd",))
     assert len(quick) == 2 * len(bench.MOBILENET_V1_DW) == 18
     assert sum(s.count for s in bench.MOBILENET_V1_DW) == 13  # MobileNetV1's 13 depthwise layers
+
+
+def test_peak_rss_growth_sees_an_allocation():
+    # 64 MiB touched inside the call: the peak resident set grows by at least most of it.
+    import torch
+
+    growth = bench.peak_rss_growth(lambda: torch.ones(16 * 2**20).sum())
+    if growth is None:
+        pytest.skip("no /proc/self/clear_refs on this platform")
+    assert growth > 48 * 2**20
