@@ -92,6 +92,19 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, lse_ptr, scale,
 
 
 @triton.jit
+def _query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, bh, N, m64, mask_m, offs_d, mask_d, offs_dv, mask_dv,
+                sqb, sqh, sqn, sqd, sdob, sdoh, sdon, sdod):
+    """The backward's per-query-block operands: q [BLOCK_M, BLOCK_D], dO [BLOCK_M, BLOCK_DV], lse and delta."""
+    q = tl.load(q_ptr + b * sqb + h * sqh + m64[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    do = tl.load(do_ptr + b * sdob + h * sdoh + m64[:, None] * sdon + offs_dv[None, :] * sdod,
+                 mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
+    lse = tl.load(lse_ptr + bh * N + m64, mask=mask_m, other=0.0)
+    delta = tl.load(delta_ptr + bh * N + m64, mask=mask_m, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, scale,
                           H, N, M, D, DV,
                           sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd,
@@ -122,12 +135,8 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, do_ptr, lse_ptr, delta_
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N
         m64 = offs_m.to(tl.int64)
-        q = tl.load(q_ptr + b * sqb + h * sqh + m64[:, None] * sqn + offs_d[None, :] * sqd,
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        do = tl.load(do_ptr + b * sdob + h * sdoh + m64[:, None] * sdon + offs_dv[None, :] * sdod,
-                     mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
-        lse = tl.load(lse_ptr + bh * N + m64, mask=mask_m, other=0.0)
-        delta = tl.load(delta_ptr + bh * N + m64, mask=mask_m, other=0.0)
+        q, do, lse, delta = _query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, bh, N, m64, mask_m, offs_d, mask_d,
+                                        offs_dv, mask_dv, sqb, sqh, sqn, sqd, sdob, sdoh, sdon, sdod)
         s = _scores(q, kt_ptrs, bias_ptr + b * sbb + h * sbh + m64[:, None] * sbn + n64[None, :] * sbm,
                     mask_m, mask_n, mask_d, scale, HAS_BIAS, DT, ACC)
         p = tl.where(mask_m[:, None] & mask_n[None, :], tl.exp(s - lse[:, None]), 0.0)
@@ -171,12 +180,8 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, do_ptr, lse_ptr, delta_pt
         b = gb + idx // NH_MAP
         h = gh + idx % NH_MAP
         bh = b * H + h
-        q = tl.load(q_ptr + b * sqb + h * sqh + m64[:, None] * sqn + offs_d[None, :] * sqd,
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        do = tl.load(do_ptr + b * sdob + h * sdoh + m64[:, None] * sdon + offs_dv[None, :] * sdod,
-                     mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
-        lse = tl.load(lse_ptr + bh * N + m64, mask=mask_m, other=0.0)
-        delta = tl.load(delta_ptr + bh * N + m64, mask=mask_m, other=0.0)
+        q, do, lse, delta = _query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, bh, N, m64, mask_m, offs_d, mask_d,
+                                        offs_dv, mask_dv, sqb, sqh, sqn, sqd, sdob, sdoh, sdon, sdod)
         dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
         for start_n in range(0, M, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
