@@ -16,6 +16,11 @@ from . import _ext, _verified
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 ENV_VAR = "PYVL_BACKEND"
 
+# Every public op (pyvl.ops), as `pyvl info` lists them; an op family appends its names when it lands.
+OPS = ("depthwise_conv2d", "dsconv2d", "window_attention")
+# Ops that have Triton kernels (in pyvl.kernels); an op family adds its names here when its kernels land.
+TRITON_OPS = ("depthwise_conv2d", "dsconv2d")
+
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -66,6 +71,8 @@ def reason(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> s
         if not _ext.has_kernel(op, "CUDA"):
             return f"pyvl._C has no CUDA kernel for {op}"
     elif backend == "triton":
+        if op not in TRITON_OPS:
+            return f"pyvl has no Triton kernel for {op}"
         if device.type == "cuda":
             return None
         if device.type != "cpu" or not triton_interpreting():

@@ -70,14 +70,20 @@ def info(argv=None) -> int:
         print(f"  {backend:<10} {'available' if why is None else 'unavailable: ' + why}")
 
     print("\nops        backend    status")
-    for op in _ext.COMPILED_OPS:
+    for op in _backend.OPS:
         for backend in _backend.BACKENDS:
             if backend == "reference":
                 status = "PyTorch eager; the ground truth"
+            elif backend in ("cpu", "cuda") and op not in _ext.COMPILED_OPS:
+                print(f"  {op:<18} {backend:<10} no {'C++' if backend == 'cpu' else 'CUDA'} kernel")
+                continue
             elif backend == "cpu":
                 status = "built" if _ext.has_kernel(op, "CPU") else "not built"
             elif backend == "cuda":
                 status = "built" if _ext.has_kernel(op, "CUDA") else "not built"
+            elif op not in _backend.TRITON_OPS:
+                print(f"  {op:<18} {backend:<10} no Triton kernel")
+                continue
             else:
                 status = _aot_status(op, aot)
             if backend in ("cuda", "triton"):

@@ -46,6 +46,12 @@ def test_rows_cover_every_case(result):
     for op in ("sequential_attention_fwd", "sequential_attention_fwd_bwd"):
         for N in bench.SIZES["tiny"].attention_n["cpu"]:
             assert (op, "bhnd", "torch sdpa", f"B1 H4 N{N} d32 bias[N,N]") in got
+    # Window attention: every op and tiny shape has a row, timed where a pyvl kernel runs on the CPU, else skipped
+    # with the reason.
+    for op in bench.WINDOW_OPS:
+        for s in bench.window_cases("tiny", "cpu", (op,)):
+            found = [r for r in rows if r["op"] == op and r["shape"] == s.shape]
+            assert found and all(r["status"] == "ok" or (r["status"] == "skipped" and r["reason"]) for r in found)
     model = [r for r in rows if r["op"] == "mobilenet_v1"]
     assert len(model) == 1
     # The model runs where pyvl.interop.from_timm exists and is skipped, with a reason, where it does not yet.
@@ -61,8 +67,8 @@ def test_ratios_positive_finite(result):
     for r in ok:
         assert _finite_positive(r["ratio"])
         assert math.isclose(r["ratio"], r["peer_stats"]["ms"] / r["pyvl"]["ms"])
-        assert len(r["pyvl"]["times_ms"]) == data["args"]["repeats"] or r["op"] == "mobilenet_v1"
-        if r["op"] != "mobilenet_v1":
+        assert len(r["pyvl"]["times_ms"]) == data["args"]["repeats"] or r["op"] in bench.MODEL_OPS
+        if r["bytes"] is not None:
             assert _finite_positive(r["pyvl"]["gbps"]) and _finite_positive(r["pyvl"]["frac_copy"])
         if r["op"].startswith("sequential_attention"):
             # CPU peak memory from the peak resident set of a fresh process (subprocess_peak_memory)

@@ -156,3 +156,87 @@ def attention_problems(draw, *, dtypes=(torch.float32, torch.float64), max_n: in
         bias_shape=draw(st.sampled_from(shapes)), dtype=draw(st.sampled_from(dtypes)),
         layout=draw(st.sampled_from(layouts)), bias_layout=draw(st.sampled_from(("contiguous", "sliced"))),
         seed=draw(st.integers(0, 2**16)))
+
+
+WINDOW_LAYOUTS = ("contiguous", "qkv", "sliced")
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowProblem:
+    """One window-attention problem (pyvl.ops.window_attention): 2D or 3D tokens and the whole geometry."""
+
+    B: int
+    sizes: tuple[int, ...]  # (H, W) or (T, H, W)
+    heads: int
+    d: int
+    window: tuple[int, ...]
+    shift: tuple[int, ...]
+    bias: str  # "none", "table" or "dense"
+    cosine: bool  # Swin V2: logit_scale given
+    pad_kv: bool
+    pad_first: bool
+    mask_value: float
+    dtype: torch.dtype
+    layout: str  # "contiguous", "qkv" (views of one (…, 3, heads, d) projection) or "sliced" (strided heads)
+    seed: int = 0
+
+    @property
+    def N(self) -> int:
+        n = 1
+        for w in self.window:
+            n *= w
+        return n
+
+    def _rand(self, gen, shape, device, scale=1.0):
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=self.dtype)
+
+    def make_inputs(self, device="cpu"):
+        """(q, k, v, kwargs): call pyvl.ops.window_attention(q, k, v, **kwargs) or ref_args(q, k, v, kwargs)."""
+        gen = torch.Generator().manual_seed(self.seed)
+        shape = (self.B, *self.sizes)
+        if self.layout == "qkv":
+            q, k, v = self._rand(gen, shape + (3, self.heads, self.d), device).unbind(-3)
+        elif self.layout == "sliced":
+            q, k, v = (self._rand(gen, shape + (2 * self.heads, self.d), device)[..., ::2, :] for _ in range(3))
+        else:
+            q, k, v = (self._rand(gen, shape + (self.heads, self.d), device) for _ in range(3))
+        kwargs = dict(window_size=self.window, shift_size=self.shift, pad_first=self.pad_first,
+                      mask_value=self.mask_value)
+        if self.bias == "table":
+            rows = 1
+            for w in self.window:
+                rows *= 2 * w - 1
+            kwargs["rel_bias_table"] = self._rand(gen, (rows, self.heads), device)
+        elif self.bias == "dense":
+            kwargs["rel_bias"] = self._rand(gen, (self.heads, self.N, self.N), device)
+        if self.cosine:
+            kwargs["logit_scale"] = (torch.rand(self.heads, 1, 1, generator=gen, dtype=torch.float64) * 5).to(
+                device=device, dtype=self.dtype)
+        if self.pad_kv:
+            kwargs["pad_kv"] = (self._rand(gen, (self.heads, self.d), device),
+                                self._rand(gen, (self.heads, self.d), device))
+        return q, k, v, kwargs
+
+
+@st.composite
+def window_problems(draw, *, dims=(2, 3), dtypes=(torch.float32, torch.float64), layouts=WINDOW_LAYOUTS,
+                    max_tokens: int = 600, max_window: int = 7, max_d: int = 16,
+                    mask_values=(-100.0, float("-inf"))) -> WindowProblem:
+    """A window-attention problem with at most max_tokens tokens per head: sizes smaller than, equal to and not
+    divisible by the window, shifted or not, every bias kind, plain or cosine, with or without pad_kv."""
+    nd = draw(st.sampled_from(dims))
+    window = tuple(draw(st.integers(1, max_window if i == nd - 1 or nd == 2 else 4)) for i in range(nd))
+    shift = tuple(draw(st.integers(0, w - 1)) for w in window)
+    budget = max_tokens
+    sizes = []
+    for w in window:
+        cap = max(1, min(3 * w + 2, budget))
+        s = draw(st.integers(1, cap))
+        sizes.append(s)
+        budget = max(1, budget // s)
+    B = draw(st.integers(1, 2))
+    return WindowProblem(
+        B=B, sizes=tuple(sizes), heads=draw(st.integers(1, 3)), d=draw(st.integers(1, max_d)), window=window,
+        shift=shift, bias=draw(st.sampled_from(("none", "table", "dense"))), cosine=draw(st.booleans()),
+        pad_kv=draw(st.booleans()), pad_first=draw(st.booleans()), mask_value=draw(st.sampled_from(mask_values)),
+        dtype=draw(st.sampled_from(dtypes)), layout=draw(st.sampled_from(layouts)), seed=draw(st.integers(0, 2**16)))
