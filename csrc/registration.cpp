@@ -15,6 +15,13 @@ TORCH_LIBRARY(pyvl, m) {
   // Activations: 0 none, 1 relu, 2 relu6.
   m.def("dsconv2d(Tensor x, Tensor dw_weight, Tensor? dw_bias, Tensor pw_weight, Tensor? pw_bias, int[2] stride,"
         " int[2] padding, int[2] dilation, int dw_activation, int pw_activation) -> Tensor");
+  // Sequential attention: softmax(q k^T * scale + bias) v by blocks with an online softmax. q [B, H, N, d],
+  // k [B, H, M, d], v [B, H, M, dv]; bias 4-D, each dim 1 or full; lse [B, H, N] is the per-row log-sum-exp the
+  // backward recomputes the probabilities from. grad_bias has bias's shape (empty when not wanted).
+  m.def("sequential_attention(Tensor q, Tensor k, Tensor v, Tensor? bias, float scale, bool deterministic)"
+        " -> (Tensor, Tensor)");
+  m.def("sequential_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor out,"
+        " Tensor lse, float scale, bool bias_requires_grad, bool deterministic) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 // `import pyvl._C` loads this library, which runs the registrations above; the module itself is empty.

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 
-FAMILIES = ("depthwise_conv2d",)
+FAMILIES = ("depthwise_conv2d", "sequential_attention")
 
 # Largest dynamic shared memory one block may use (opt-in), in bytes.
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}

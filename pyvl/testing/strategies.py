@@ -90,6 +90,74 @@ def depthwise_problems(draw, *, dtypes=(torch.float32, torch.float64), kernel_si
         C_out=draw(st.integers(1, 24)) if C_out else 1, seed=draw(st.integers(0, 2**16)))
 
 
+ATTENTION_LAYOUTS = ("contiguous", "bnhd", "sliced")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionProblem:
+    """One attention problem: q [B, H, N, d], k [B, H, M, d], v [B, H, M, dv] and a bias of `bias_shape`."""
+
+    B: int
+    H: int
+    N: int
+    M: int
+    d: int
+    dv: int
+    bias_shape: tuple | None
+    dtype: torch.dtype
+    layout: str  # "contiguous", "bnhd" ([B, N, H, d] transposed, as models produce it) or "sliced"
+    bias_layout: str  # "contiguous" or "sliced" (every other key column of a wider tensor)
+    seed: int = 0
+
+    def _tensor(self, gen, shape, layout, device):
+        def make(s):
+            return torch.randn(s, generator=gen, dtype=torch.float64).to(device=device, dtype=self.dtype)
+
+        if layout == "bnhd":
+            B, H, L, E = shape
+            return make((B, L, H, E)).transpose(1, 2)
+        if layout == "sliced":
+            return make(shape[:-1] + (2 * shape[-1],))[..., ::2]
+        return make(shape)
+
+    def make_inputs(self, device="cpu"):
+        """(q, k, v, bias or None)."""
+        gen = torch.Generator().manual_seed(self.seed)
+        q = self._tensor(gen, (self.B, self.H, self.N, self.d), self.layout, device)
+        k = self._tensor(gen, (self.B, self.H, self.M, self.d), self.layout, device)
+        v = self._tensor(gen, (self.B, self.H, self.M, self.dv), self.layout, device)
+        bias = None
+        if self.bias_shape is not None:
+            bias = self._tensor(gen, tuple(self.bias_shape), self.bias_layout, device)
+        return q, k, v, bias
+
+
+def _bias_shapes(B, H, N, M):
+    return (None, (N, M), (H, N, M), (1, 1, N, M), (B, 1, N, M), (1, H, N, M), (B, H, N, M), (B, 1, 1, M))
+
+
+@st.composite
+def attention_problems(draw, *, dtypes=(torch.float32, torch.float64), max_n: int = 110, max_m: int = 200,
+                       max_d: int = 40, max_scores: int = 40000, layouts=ATTENTION_LAYOUTS,
+                       bias: bool | None = None) -> AttentionProblem:
+    """An attention problem with at most max_scores elements in [B, H, N, M]: sizes on both sides of typical
+    block sizes (48, 64, 96, 128), odd head dims, every bias form of pyvl.ops.sequential_attention. bias: True
+    (always one), False (never) or None (either)."""
+    B, H = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    N = draw(st.integers(1, max_n))
+    M = draw(st.integers(1, max(1, min(max_m, max_scores // (B * H * N)))))
+    shapes = _bias_shapes(B, H, N, M)
+    if bias is True:
+        shapes = shapes[1:]
+    elif bias is False:
+        shapes = shapes[:1]
+    return AttentionProblem(
+        B=B, H=H, N=N, M=M, d=draw(st.integers(1, max_d)), dv=draw(st.integers(1, max_d)),
+        bias_shape=draw(st.sampled_from(shapes)), dtype=draw(st.sampled_from(dtypes)),
+        layout=draw(st.sampled_from(layouts)), bias_layout=draw(st.sampled_from(("contiguous", "sliced"))),
+        seed=draw(st.integers(0, 2**16)))
+
+
 WINDOW_LAYOUTS = ("contiguous", "qkv", "sliced")
 
 
