@@ -17,9 +17,9 @@ BACKENDS = ("reference", "cpu", "triton", "cuda")
 ENV_VAR = "PYVL_BACKEND"
 
 # Every public op (pyvl.ops), as `pyvl info` lists them; an op family appends its names when it lands.
-OPS = ("depthwise_conv2d", "dsconv2d", "window_attention")
+OPS = ("depthwise_conv2d", "dsconv2d", "window_attention", "sequential_attention")
 # Ops that have Triton kernels (in pyvl.kernels); an op family adds its names here when its kernels land.
-TRITON_OPS = ("depthwise_conv2d", "dsconv2d")
+TRITON_OPS = ("depthwise_conv2d", "dsconv2d", "sequential_attention")
 
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
