@@ -32,7 +32,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-OPS = ("depthwise_fwd", "depthwise_fwd_bwd", "dsconv2d_fwd", "mobilenet_v1")
+from ._bench_window import WINDOW_OPS, window_cases
+
+OPS = ("depthwise_fwd", "depthwise_fwd_bwd", "dsconv2d_fwd", "mobilenet_v1") + WINDOW_OPS
+# Whole-model cases: fewer repeats, and pyvl's default backend choice (what a user of the model gets).
+MODEL_OPS = ("mobilenet_v1", "swin_model")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -312,6 +316,7 @@ def cases(sizes: str = "quick", device: str | torch.device = "cpu", ops=OPS) -> 
         N, r = size.model_batch[dev], size.model_resolution
         out.append(Case("mobilenet_v1", "nchw", f"N{N} 3x{r}x{r} eval", N, 1, _mobilenet_v1(N, r),
                         {"N": N, "resolution": r, "model": "timm mobilenetv1_100"}))
+    out += window_cases(sizes, device, ops)
     # Stable order: the ops in the order asked, then the shapes in network order.
     return sorted(out, key=lambda c: ops.index(c.op))
 
@@ -699,11 +704,11 @@ def main(argv=None) -> int:
     try:
         for case in todo:
             progress.start(f"{case.op} {case.layout} {case.shape}")
-            n = model_repeats if case.op == "mobilenet_v1" else repeats
+            n = model_repeats if case.op in MODEL_OPS else repeats
             budget = math.inf if args.repeats else size.max_case_s  # asked-for repeats are honoured
-            if case.op == "mobilenet_v1":
+            if case.op in MODEL_OPS:
                 budget *= 4  # one figure, the one a user reads first: worth more of the run's minutes
-            backend = args.backend if case.op == "mobilenet_v1" else kernel_backend
+            backend = args.backend if case.op in MODEL_OPS else kernel_backend
             rows.extend(run_case(case, device, dtype, backend, size.warmup, n, copy_gbps, budget,
                                  size.min_repeat_s))
             progress.done()

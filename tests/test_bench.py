@@ -43,6 +43,12 @@ def test_rows_cover_every_case(result):
                 assert (op, layout, f"torch {layout}", shape) in got
         for peer in ("torch channels_last", "torch nchw"):
             assert ("dsconv2d_fwd", "channels_last", peer, shape) in got
+    # Window attention: every op and tiny shape has a row, timed where a pyvl kernel runs on the CPU, else skipped
+    # with the reason.
+    for op in bench.WINDOW_OPS:
+        for s in bench.window_cases("tiny", "cpu", (op,)):
+            found = [r for r in rows if r["op"] == op and r["shape"] == s.shape]
+            assert found and all(r["status"] == "ok" or (r["status"] == "skipped" and r["reason"]) for r in found)
     model = [r for r in rows if r["op"] == "mobilenet_v1"]
     assert len(model) == 1
     # The model runs where pyvl.interop.from_timm exists and is skipped, with a reason, where it does not yet.
@@ -58,8 +64,8 @@ def test_ratios_positive_finite(result):
     for r in ok:
         assert _finite_positive(r["ratio"])
         assert math.isclose(r["ratio"], r["peer_stats"]["ms"] / r["pyvl"]["ms"])
-        assert len(r["pyvl"]["times_ms"]) == data["args"]["repeats"] or r["op"] == "mobilenet_v1"
-        if r["op"] != "mobilenet_v1":
+        assert len(r["pyvl"]["times_ms"]) == data["args"]["repeats"] or r["op"] in bench.MODEL_OPS
+        if r["bytes"] is not None:
             assert _finite_positive(r["pyvl"]["gbps"]) and _finite_positive(r["pyvl"]["frac_copy"])
         assert r["pyvl"]["peak_mib"] is None  # no CPU allocator statistics, reported as n/a
     for key, m in data["geomeans"].items():

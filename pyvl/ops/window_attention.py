@@ -92,7 +92,7 @@ def _check(q, k, v, window_size, shift_size, rel_bias_table, rel_bias, logit_sca
         raise ValueError("pass rel_bias_table or rel_bias, not both")
     if rel_bias_table is not None:
         check_tensor("rel_bias_table", rel_bias_table, like=q)
-        rows = math.prod(2 * w - 1 for w in window)
+        rows = math.prod([2 * w - 1 for w in window])
         if tuple(rel_bias_table.shape) != (rows, heads):
             raise ValueError(f"rel_bias_table must have shape [{rows}, {heads}] (prod(2w - 1) over window "
                              f"{window}, heads), got {tuple(rel_bias_table.shape)}")

@@ -34,7 +34,7 @@ def relative_position_index(window: tuple[int, ...], device=None) -> torch.Tenso
     rel = coords[:, :, None] - coords[:, None, :]  # [nd, N, N]
     index = torch.zeros(rel.shape[1:], dtype=torch.long, device=device)
     for dim, w in enumerate(window):
-        later = math.prod(2 * v - 1 for v in window[dim + 1:])
+        later = math.prod([2 * v - 1 for v in window[dim + 1:]])
         index += (rel[dim] + w - 1) * later
     return index
 
