@@ -130,7 +130,9 @@ window_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, c
   TORCH_CHECK(needs.size() == 8, op, ": needs must have 8 flags");
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), op, ": grad_out and out must have q's shape");
   TORCH_CHECK(lse.sizes() == q.sizes().slice(0, q.dim() - 1), op, ": lse must have q's shape without d");
-  const at::Tensor go = tokens(grad_out, p.ct), o = tokens(out, p.ct), l = lse.to(p.ct).contiguous();
+  // out and lse are part of the schema (a kernel may use them); this one recomputes the probabilities from q and k
+  // (see csrc/cpu/window_attention.h).
+  const at::Tensor go = tokens(grad_out, p.ct);
   // The gradients, in the order of the schema, with the input each belongs to.
   const std::array<const at::Tensor*, 8> of = {&p.q, &p.k, &p.v, &p.table, &p.bias, &p.logit_scale, &p.pad_k,
                                                &p.pad_v};
@@ -145,8 +147,7 @@ window_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, c
     auto mut = [&](size_t i) { return g[i].defined() ? g[i].mutable_data_ptr<scalar_t>() : nullptr; };
     const WindowAttentionGrads<scalar_t> grads{mut(0), mut(1), mut(2), mut(3), mut(4), mut(5), mut(6), mut(7)};
     cpu::window_attention_backward<scalar_t>(p.shape, inputs_of<scalar_t>(p), go.const_data_ptr<scalar_t>(),
-                                             strides_of(go), o.const_data_ptr<scalar_t>(), strides_of(o),
-                                             l.const_data_ptr<scalar_t>(), grads);
+                                             strides_of(go), grads);
   });
   auto result = [&](size_t i) { return g[i].defined() ? g[i].to(q.scalar_type()) : at::empty({0}, q.options()); };
   return {result(0), result(1), result(2), result(3), result(4), result(5), result(6), result(7)};

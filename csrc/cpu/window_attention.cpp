@@ -597,8 +597,7 @@ void window_attention_forward(const WindowAttentionShape& s, const WindowAttenti
 
 template <typename T>
 void window_attention_backward(const WindowAttentionShape& s, const WindowAttentionInputs<T>& in, const T* grad_out,
-                               const TokenStrides& grad_out_strides, const T* out, const TokenStrides& out_strides,
-                               const T* lse, const WindowAttentionGrads<T>& grads) {
+                               const TokenStrides& grad_out_strides, const WindowAttentionGrads<T>& grads) {
   const Problem<T> P(s, in);
   const int64_t N = P.N, Nv = P.Nv, Np = P.Np, dp = P.dp, d = s.d, heads = s.heads;
   const int64_t rows = P.g.table_rows;
@@ -629,7 +628,7 @@ void window_attention_backward(const WindowAttentionShape& s, const WindowAttent
     double* acc_pv = acc_pk + (need_pk ? heads * d : 0);
 
     std::vector<T> Q(N * dp), KT(dp * Np), K(N * dp), VT(dp * Np), dO(N * dp), S(N * Np), dS(N * Np), G(N * dp),
-        dK(N * dp), dV(N * dp), D(N), lse_rows(N), qnorm(N), knorm(N), zeros(d), tmp(d), bias(N + kVec),
+        dK(N * dp), dV(N * dp), mx(N), sum(N), qnorm(N), knorm(N), zeros(d), tmp(d), bias(N + kVec),
         dcol(need_table ? rows + kVec : 0);
     TaskWindow window(N);
 #pragma omp for schedule(static)
@@ -642,10 +641,7 @@ void window_attention_backward(const WindowAttentionShape& s, const WindowAttent
         const int n = w.rows[m];
         qnorm[m] = load_row(w.at(in.q, in.q_strides, b, n, h), d, cosine, scale, &Q[m * dp]);
         const T* go = w.at(grad_out, grad_out_strides, b, n, h);
-        const T* o = w.at(out, out_strides, b, n, h);
         copy_row(go, d, &dO[m * dp]);
-        D[m] = dot(go, o, d);
-        lse_rows[m] = lse[w.token[n] * heads + h];
       }
       for (int64_t n = 0; n < N; ++n) {
         T* kr = &K[n * dp];
@@ -657,15 +653,20 @@ void window_attention_backward(const WindowAttentionShape& s, const WindowAttent
         }
       }
       if (need_table) std::fill(dcol.begin(), dcol.end(), T(0));
-      // P = exp(logits - lse); dS = P * (dO V^T - rowsum(dO * O)).
+      // P = softmax(logits), recomputed as the forward computes it: exp(S - max) / sum rather than exp(S - lse),
+      // since lse carries an absolute rounding error of ulp(lse), which is large beside the probabilities' own
+      // error when the logits are large (cosine attention with tau = 100). dS = P * (dP - rowsum(P * dP)).
       gemm<T>(M, N, d, Q.data(), dp, 1, KT.data(), Np, S.data(), Np);
       gemm<T>(M, N, d, dO.data(), dp, 1, VT.data(), Np, dS.data(), Np);
-      for (int m = 0; m < M; ++m) P.finish_logits(&S[m * Np], w, m, h, bias.data());
-      exp_rows<T>(S.data(), Np, M, Nv, lse_rows.data(), nullptr);
+      for (int m = 0; m < M; ++m) mx[m] = P.finish_logits(&S[m * Np], w, m, h, bias.data());
+      exp_rows<T>(S.data(), Np, M, Nv, mx.data(), sum.data());
       for (int m = 0; m < M; ++m) {
-        const T* p = &S[m * Np];
+        T* p = &S[m * Np];
+        scale_row(p, N, T(1) / sum[m], p);
         T* ds = &dS[m * Np];
-        const T Dm = D[m];
+        // rowsum(P * dP) rather than the equal rowsum(dO * O): the softmax backward exactly as autograd takes it,
+        // so that a row whose probabilities are all but one-hot gets the reference's (near) zero gradient.
+        const T Dm = dot(p, ds, N);
         for (int64_t j = 0; j < N; ++j) ds[j] = p[j] * (ds[j] - Dm);
         if (need_table) P.table_grad_row(w.rows[m], ds, dcol.data());
         if (need_bias) {
@@ -764,11 +765,10 @@ template void window_attention_forward<float>(const WindowAttentionShape&, const
 template void window_attention_forward<double>(const WindowAttentionShape&, const WindowAttentionInputs<double>&,
                                                double*, double*);
 template void window_attention_backward<float>(const WindowAttentionShape&, const WindowAttentionInputs<float>&,
-                                               const float*, const TokenStrides&, const float*, const TokenStrides&,
-                                               const float*, const WindowAttentionGrads<float>&);
+                                               const float*, const TokenStrides&, const WindowAttentionGrads<float>&);
 template void window_attention_backward<double>(const WindowAttentionShape&, const WindowAttentionInputs<double>&,
-                                                const double*, const TokenStrides&, const double*,
-                                                const TokenStrides&, const double*, const WindowAttentionGrads<double>&);
+                                                const double*, const TokenStrides&,
+                                                const WindowAttentionGrads<double>&);
 
 }  // namespace cpu
 }  // namespace pyvl

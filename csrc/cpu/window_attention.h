@@ -57,13 +57,14 @@ namespace cpu {
 template <typename T>
 void window_attention_forward(const WindowAttentionShape& s, const WindowAttentionInputs<T>& in, T* out, T* lse);
 
-// grad_out and out: (B, T, H, W, heads, d) views with the given strides; lse as the forward wrote it. The
-// probabilities are recomputed from q, k and lse. Bias, logit-scale and padding gradients are summed over the
+// grad_out: a (B, T, H, W, heads, d) view with the given strides. The probabilities are recomputed from q and k
+// as the forward computes them (max, exp, sum: lse would carry an absolute error of ulp(lse), large beside the
+// probabilities when the logits are large); the forward's output is not needed either: the softmax backward
+// takes rowsum(P * dP), as autograd does, rather than the equal rowsum(dO * O). Bias, logit-scale and padding gradients are summed over the
 // windows in per-thread partials reduced in thread order, so a fixed thread count gives bitwise-equal results.
 template <typename T>
 void window_attention_backward(const WindowAttentionShape& s, const WindowAttentionInputs<T>& in, const T* grad_out,
-                               const TokenStrides& grad_out_strides, const T* out, const TokenStrides& out_strides,
-                               const T* lse, const WindowAttentionGrads<T>& grads);
+                               const TokenStrides& grad_out_strides, const WindowAttentionGrads<T>& grads);
 
 }  // namespace cpu
 }  // namespace pyvl
