@@ -100,8 +100,9 @@ def default_order(op: str, device: torch.device) -> tuple[str, ...]:
 # depthwise kernel alone is still slower than torch's oneDNN convolution (0.86x NCHW, 0.58x channels_last), so
 # the depthwise op defaults to the reference until the kernel wins.
 _CPU_ORDER = {"depthwise_conv2d": ("reference", "cpu"), "dsconv2d": ("cpu", "reference")}
-# Window attention (benchmarks/window_attention_cpu.py, fp32, Swin-T stages 1-4 at B=2 and Video Swin-T stage 1,
-# 2026-11-23): the C++ kernel beats the eager torchvision algorithm forward and forward+backward at every stage.
+# Window attention (OMP_NUM_THREADS=1 benchmarks/window_attention_cpu.py --clock process, fp32, 2026-11-23): the C++
+# kernel against the eager torchvision algorithm, forward / forward+backward: Swin-T stage 1-4 at B=2 2.9/1.5,
+# 1.7/1.2, 1.9/1.2, 2.0/1.3; Video Swin-T stage 1 at B=1 7.0/3.5. Faster everywhere, so it is the default.
 _CPU_ORDER["window_attention"] = ("cpu", "reference")
 
 
