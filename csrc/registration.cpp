@@ -22,6 +22,16 @@ TORCH_LIBRARY(pyvl, m) {
         " -> (Tensor, Tensor)");
   m.def("sequential_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor out,"
         " Tensor lse, float scale, bool bias_requires_grad, bool deterministic) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Shifted-window attention (Swin, Swin V2, Video Swin); the semantics and the argument conventions are in
+  // pyvl/ops/window_attention.py. lse: (B, *S, heads), float32 (float64 for float64 inputs).
+  m.def("window_attention(Tensor q, Tensor k, Tensor v, int[] window, int[] shift, Tensor? rel_bias_table,"
+        " Tensor? rel_bias, Tensor? logit_scale, float? scale, Tensor? pad_k, Tensor? pad_v, bool pad_first,"
+        " float mask_value) -> (Tensor out, Tensor lse)");
+  m.def("window_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+        " int[] window, int[] shift, Tensor? rel_bias_table, Tensor? rel_bias, Tensor? logit_scale, float? scale,"
+        " Tensor? pad_k, Tensor? pad_v, bool pad_first, float mask_value, bool[] needs) -> (Tensor dq, Tensor dk,"
+        " Tensor dv, Tensor d_rel_bias_table, Tensor d_rel_bias, Tensor d_logit_scale, Tensor d_pad_k,"
+        " Tensor d_pad_v)");
 }
 
 // `import pyvl._C` loads this library, which runs the registrations above; the module itself is empty.

@@ -118,6 +118,10 @@ _CPU_ORDER = {
 # materializing reference (198 vs 548 ms), forward + backward on par (887 vs 824 ms), and its memory is O(N d)
 # where the reference holds the [B, H, N, N] scores and probabilities; so the C++ kernels go first.
 _CPU_ORDER["sequential_attention"] = ("cpu", "reference")
+# Window attention (OMP_NUM_THREADS=1 benchmarks/window_attention_cpu.py --clock process, fp32, 2026-11-23): the C++
+# kernel against the eager torchvision algorithm, forward / forward+backward: Swin-T stage 1-4 at B=2 2.9/1.5,
+# 1.7/1.2, 1.9/1.2, 2.0/1.3; Video Swin-T stage 1 at B=1 7.0/3.5. Faster everywhere, so it is the default.
+_CPU_ORDER["window_attention"] = ("cpu", "reference")
 
 
 def choose(op: str, backend: str | None, x: torch.Tensor) -> str:

@@ -16,8 +16,11 @@ except ImportError as e:  # pragma: no cover - exercised only on a broken instal
 
 # The ops the extension declares (csrc/registration.cpp). Their kernels are looked up once, at import, so that
 # the lookup is a dict access that torch.compile traces without a graph break.
-COMPILED_OPS = ("depthwise_conv2d", "dsconv2d",
-                "sequential_attention", "sequential_attention_backward")
+COMPILED_OPS = ("depthwise_conv2d", "dsconv2d", "sequential_attention", "sequential_attention_backward",
+                "window_attention")
+# The compiled ops that have CUDA sources (csrc/cuda/); a CUDA build must carry a CUDA kernel for each. The others
+# are CPU-only (their GPU backend is Triton).
+CUDA_OPS = ("depthwise_conv2d", "dsconv2d")
 _KERNELS = {
     (op, key): LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"pyvl::{op}", key)
     for op in COMPILED_OPS

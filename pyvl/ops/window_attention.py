@@ -39,7 +39,7 @@ import math
 
 import torch
 
-from .. import _backend
+from .. import _backend, _ext  # noqa: F401  (_ext registers the C++ schemas)
 from ..reference import window_attention as ref
 from ._checks import check_tensor
 
@@ -208,3 +208,7 @@ def register_kernel_family(backend: str, forward_op: str, backward_op: str) -> N
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
     _IMPLEMENTATIONS[backend] = lambda *args: fwd(*args)[0]
+
+
+if _ext.LOAD_ERROR is None:
+    register_kernel_family("cpu", "pyvl::window_attention", "pyvl::window_attention_backward")
