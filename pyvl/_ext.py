@@ -16,7 +16,9 @@ except ImportError as e:  # pragma: no cover - exercised only on a broken instal
 
 # The ops the extension declares (csrc/registration.cpp). Their kernels are looked up once, at import, so that
 # the lookup is a dict access that torch.compile traces without a graph break.
-COMPILED_OPS = ("depthwise_conv2d", "dsconv2d")
+COMPILED_OPS = ("depthwise_conv2d", "dsconv2d", "similarity_logits", "contrastive_stats", "contrastive_stats_backward")
+# Public ops whose kernels have another name in pyvl._C.
+KERNEL_OF = {"contrastive_loss": "contrastive_stats"}
 _KERNELS = {
     (op, key): LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"pyvl::{op}", key)
     for op in COMPILED_OPS
@@ -26,4 +28,4 @@ _KERNELS = {
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether pyvl::<op> has a kernel registered for the dispatch key ("CPU" or "CUDA")."""
-    return _KERNELS.get((op, dispatch_key), False)
+    return _KERNELS.get((KERNEL_OF.get(op, op), dispatch_key), False)
