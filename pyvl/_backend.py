@@ -17,7 +17,7 @@ BACKENDS = ("reference", "cpu", "triton", "cuda")
 ENV_VAR = "PYVL_BACKEND"
 
 # Every public op (pyvl.ops), as `pyvl info` lists them; an op family appends its names when it lands.
-OPS = ("depthwise_conv2d", "dsconv2d", "window_attention")
+OPS = ("depthwise_conv2d", "dsconv2d", "window_attention", "similarity_logits", "contrastive_loss")
 # Ops that have Triton kernels (in pyvl.kernels); an op family adds its names here when its kernels land.
 TRITON_OPS = ("depthwise_conv2d", "dsconv2d")
 
