@@ -13,6 +13,8 @@ Two kinds of case:
       [nW, heads, N, N] bias + mask tensor, what timm runs with TIMM_FUSED_ATTN).
   swin_block_fwd / swin_block_fwd_bwd     torchvision's own ShiftedWindowAttention(3d) module (linears included)
       against the same module after pyvl.patch; skipped until pyvl.patch exists.
+  swin_model                              whole torchvision swin_t and swin3d_t (random weights), eval forward and
+      one training step (forward, loss, backward, SGD step), before and after pyvl.patch.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-WINDOW_OPS = ("window_attn_fwd", "window_attn_fwd_bwd", "swin_block_fwd", "swin_block_fwd_bwd")
+WINDOW_OPS = ("window_attn_fwd", "window_attn_fwd_bwd", "swin_block_fwd", "swin_block_fwd_bwd", "swin_model")
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,62 @@ def _block(s: WindowShape, backward: bool):
     return build
 
 
+# (torchvision builder, input shape per device type and size set)
+MODELS = {
+    "swin_t": ("swin_t", {"quick": {"cpu": (2, 3, 224, 224), "cuda": (64, 3, 224, 224)},
+                          "full": {"cpu": (8, 3, 224, 224), "cuda": (128, 3, 224, 224)},
+                          "tiny": {"cpu": (1, 3, 64, 64), "cuda": (1, 3, 64, 64)}}),
+    "swin3d_t": ("swin3d_t", {"quick": {"cpu": (1, 3, 16, 224, 224), "cuda": (8, 3, 32, 224, 224)},
+                              "full": {"cpu": (1, 3, 32, 224, 224), "cuda": (16, 3, 32, 224, 224)},
+                              "tiny": {"cpu": (1, 3, 4, 64, 64), "cuda": (1, 3, 4, 64, 64)}}),
+}
+
+
+def _model(name: str, mode: str, shape):
+    def build(device, dtype, backend):
+        import torchvision
+
+        from pyvl.bench import Built, Skip, _chosen_backend, _pyvl_backend_env
+
+        try:
+            from pyvl import patch
+        except ImportError:
+            raise Skip("pyvl.patch does not exist in this pyvl") from None
+        builder = getattr(torchvision.models, name, None) or getattr(torchvision.models.video, name)
+        peer = builder(weights=None).to(device, dtype)
+        ours = copy.deepcopy(peer)
+        with _pyvl_backend_env(backend):
+            patch(ours)
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        chosen = _chosen_backend("window_attention", backend, x.new_empty((1, 1, 1, 1, 1)))
+        if mode == "eval":
+            peer.eval()
+            ours.eval()
+
+            def run(m):
+                def fn():
+                    with torch.no_grad(), _pyvl_backend_env(backend):
+                        return m(x)
+                return fn
+        else:
+            target = torch.zeros(shape[0], dtype=torch.long, device=device)
+
+            def run(m):
+                opt = torch.optim.SGD(m.parameters(), lr=1e-6)
+
+                def fn():
+                    with _pyvl_backend_env(backend):
+                        opt.zero_grad(set_to_none=True)
+                        loss = F.cross_entropy(m(x).float(), target)
+                        loss.backward()
+                        opt.step()
+                        return loss
+                return fn
+        return Built(run(ours), {f"torchvision {name}": run(peer)}, None, chosen)
+
+    return build
+
+
 def window_cases(sizes: str, device, ops):
     from pyvl.bench import Case
 
@@ -182,4 +240,11 @@ def window_cases(sizes: str, device, ops):
                                       ("swin_block_fwd", _block, False), ("swin_block_fwd_bwd", _block, True)):
             if op in ops:
                 out.append(Case(op, layout, s.label(), s.B, 1, builder(s, backward), params))
+    if "swin_model" in ops:
+        for name, (_, shapes) in MODELS.items():
+            shape = shapes[sizes][dev]
+            for mode in ("eval", "train"):
+                label = f"{name} {mode} {'x'.join(map(str, shape))}"
+                out.append(Case("swin_model", mode, label, shape[0], 1, _model(name, mode, shape),
+                                {"model": f"torchvision {name}", "input": list(shape), "mode": mode}))
     return out

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from ._bench_window import WINDOW_OPS, window_cases
 
 OPS = ("depthwise_fwd", "depthwise_fwd_bwd", "dsconv2d_fwd", "mobilenet_v1") + WINDOW_OPS
+# Whole-model cases: fewer repeats, and pyvl's default backend choice (what a user of the model gets).
+MODEL_OPS = ("mobilenet_v1", "swin_model")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -702,11 +704,11 @@ def main(argv=None) -> int:
     try:
         for case in todo:
             progress.start(f"{case.op} {case.layout} {case.shape}")
-            n = model_repeats if case.op == "mobilenet_v1" else repeats
+            n = model_repeats if case.op in MODEL_OPS else repeats
             budget = math.inf if args.repeats else size.max_case_s  # asked-for repeats are honoured
-            if case.op == "mobilenet_v1":
+            if case.op in MODEL_OPS:
                 budget *= 4  # one figure, the one a user reads first: worth more of the run's minutes
-            backend = args.backend if case.op == "mobilenet_v1" else kernel_backend
+            backend = args.backend if case.op in MODEL_OPS else kernel_backend
             rows.extend(run_case(case, device, dtype, backend, size.warmup, n, copy_gbps, budget,
                                  size.min_repeat_s))
             progress.done()

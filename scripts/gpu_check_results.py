@@ -1,9 +1,7 @@
 """Fold a GPU run's JUnit XML and bench JSON into one results file for benchmarks/results/ (see pyvl/_verified.py).
 
 A test counts for "<backend>/<op>" only when it ran on CUDA tensors (tests/test_*_cuda.py; the Triton interpreter
-tier does not count); its name gives the backend (a "triton" parameter, else cuda) and the op (dsconv -> dsconv2d,
-else the family's depthwise_conv2d). An op's
-verdict is "passed" only if it ran at least one test and none failed or errored.
+tier does not count); see classify(). An op's verdict is "passed" only if it ran at least one test and none failed or errored.
 """
 import argparse
 import datetime
@@ -17,11 +15,18 @@ import torch
 
 
 def classify(classname: str, name: str):
-    path = classname.replace(".", "/")
-    if not path.split("/")[-1].endswith("_cuda"):  # only tests that ran on CUDA tensors verify a GPU kernel
+    """ "<backend>/<op>" a test verifies, or None. Only tests/test_<family>_cuda.py count (tests on CUDA tensors;
+    the Triton interpreter tier does not); the backend is the "triton" or "cuda" in the test's name (a test naming
+    neither verifies no kernel); the op is the family, except dsconv tests of the depthwise family."""
+    stem = classname.replace(".", "/").split("/")[-1]
+    if not (stem.startswith("test_") and stem.endswith("_cuda")):
         return None
-    backend = "triton" if "triton" in name else "cuda"
-    op = "dsconv2d" if "dsconv" in name.lower() or "dsconv" in path else "depthwise_conv2d"
+    backend = "triton" if "triton" in name else "cuda" if "cuda" in name else None
+    if backend is None:
+        return None
+    op = stem[len("test_"):-len("_cuda")]
+    if op == "depthwise_conv2d" and "dsconv" in name.lower():
+        op = "dsconv2d"
     return f"{backend}/{op}"
 
 
@@ -48,7 +53,8 @@ def main():
     # Speed-up of each backend/op: the geometric mean over MobileNetV1 shapes against torch channels_last.
     bench, speedups = {}, {}
     groups = {"depthwise_conv2d": "depthwise_fwd | pyvl channels_last vs torch channels_last",
-              "dsconv2d": "dsconv2d_fwd | pyvl channels_last vs torch channels_last"}
+              "dsconv2d": "dsconv2d_fwd | pyvl channels_last vs torch channels_last",
+              "window_attention": "window_attn_fwd_bwd | pyvl 3d vs torchvision eager"}
     for backend in ("cuda", "triton"):
         path = pathlib.Path(args.bench) / f"bench-{backend}" / "results.json"
         if not path.exists():

@@ -64,7 +64,7 @@ def test_ratios_positive_finite(result):
     for r in ok:
         assert _finite_positive(r["ratio"])
         assert math.isclose(r["ratio"], r["peer_stats"]["ms"] / r["pyvl"]["ms"])
-        assert len(r["pyvl"]["times_ms"]) == data["args"]["repeats"] or r["op"] == "mobilenet_v1"
+        assert len(r["pyvl"]["times_ms"]) == data["args"]["repeats"] or r["op"] in bench.MODEL_OPS
         if r["bytes"] is not None:
             assert _finite_positive(r["pyvl"]["gbps"]) and _finite_positive(r["pyvl"]["frac_copy"])
         assert r["pyvl"]["peak_mib"] is None  # no CPU allocator statistics, reported as n/a
