@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from ._bench_window import WINDOW_OPS, window_cases
+from ._bench_contrastive import CONTRASTIVE_OPS, contrastive_cases
 
-OPS = ("depthwise_fwd", "depthwise_fwd_bwd", "dsconv2d_fwd", "mobilenet_v1") + WINDOW_OPS
+OPS = ("depthwise_fwd", "depthwise_fwd_bwd", "dsconv2d_fwd", "mobilenet_v1") + WINDOW_OPS + CONTRASTIVE_OPS
 # Whole-model cases: fewer repeats, and pyvl's default backend choice (what a user of the model gets).
 MODEL_OPS = ("mobilenet_v1", "swin_model")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -117,6 +118,7 @@ class Built:
     peers: dict  # peer name -> callable
     nbytes: int | None  # bytes a perfect kernel moves once (inputs + weights + outputs); None: not meaningful
     backend: str | None = None  # the pyvl backend that runs, as pyvl chose it
+    peaks: dict | None = None  # name -> peak bytes measured by the case itself (CPU: peak RSS in a subprocess)
 
 
 @dataclass
@@ -317,6 +319,7 @@ def cases(sizes: str = "quick", device: str | torch.device = "cpu", ops=OPS) -> 
         out.append(Case("mobilenet_v1", "nchw", f"N{N} 3x{r}x{r} eval", N, 1, _mobilenet_v1(N, r),
                         {"N": N, "resolution": r, "model": "timm mobilenetv1_100"}))
     out += window_cases(sizes, device, ops)
+    out += contrastive_cases(sizes, device, ops)
     # Stable order: the ops in the order asked, then the shapes in network order.
     return sorted(out, key=lambda c: ops.index(c.op))
 
@@ -483,7 +486,7 @@ def run_case(case: Case, device, dtype, backend, warmup, repeats, copy_gbps, max
     try:
         times, warmup_only = time_interleaved(fns, device, warmup, repeats, min_repeat_s=min_repeat_s,
                                               max_case_s=max_case_s)
-        peaks = {n: peak_memory(f, device) for n, f in fns.items()}
+        peaks = {n: (built.peaks or {}).get(n) or peak_memory(f, device) for n, f in fns.items()}
     except Exception as e:  # noqa: BLE001
         return [dict(base, peer=p, status="error", reason=f"{type(e).__name__}: {e}") for p in built.peers]
     finally:
