@@ -100,6 +100,10 @@ def default_order(op: str, device: torch.device) -> tuple[str, ...]:
 # depthwise kernel alone is still slower than torch's oneDNN convolution (0.86x NCHW, 0.58x channels_last), so
 # the depthwise op defaults to the reference until the kernel wins.
 _CPU_ORDER = {"depthwise_conv2d": ("reference", "cpu"), "dsconv2d": ("cpu", "reference")}
+# Contrastive family (same machine, fp32, 2026-11-23, `pyvl bench --ops contrastive_loss,similarity_logits`): the
+# C++ loss forward + backward at N = 8192, d = 512 ran 1.15x faster than open_clip's ClipLoss in a twentieth of its
+# peak memory; the C++ similarity logits ran 2.4x faster than eager normalize + matmul (CLIP zero-shot shapes).
+_CPU_ORDER.update({"similarity_logits": ("cpu", "reference"), "contrastive_loss": ("cpu", "reference")})
 
 
 def choose(op: str, backend: str | None, x: torch.Tensor) -> str:

@@ -31,25 +31,20 @@ def _pair(N=6, d=5, dtype=torch.float64, seed=0):
 # The C++ backend against the references: whole problems drawn by hypothesis, forward and every gradient
 
 
-@needs_ext
-@given(pst.contrastive_problems())
-def test_cpu_contrastive_loss_matches_reference(problem):
-    img, txt, scale, bias = problem.make_storage()
-    view = problem.view
+def _check_against_reference(problem, ours, reference):
+    """ours / reference(first, second, scale, bias) on the problem's feature views, by the error criterion for the
+    output and the gradient of every tensor input (features, and scale / bias where they are tensors)."""
+    first, second, scale, bias = problem.make_storage()
 
-    def ours(img, txt, *scalars):
-        return contrastive_loss(view(img), view(txt), *_scalars(scalars, scale, bias), kind=problem.kind,
-                                backend="cpu")
+    def on_views(fn):
+        return lambda a, b, *scalars: fn(problem.view(a), problem.view(b), *_scalars(scalars, scale, bias))
 
-    def reference(img, txt, *scalars):
-        return ref.contrastive_loss(view(img), view(txt), *_scalars(scalars, scale, bias), problem.kind)
-
-    args = [img, txt] + [t for t in (scale, bias) if isinstance(t, torch.Tensor)]
-    assert_gradients_close_to_reference(ours, reference, args, name=f"contrastive {problem}")
+    args = [first, second] + [t for t in (scale, bias) if isinstance(t, torch.Tensor)]
+    assert_gradients_close_to_reference(on_views(ours), on_views(reference), args, name=str(problem))
 
 
 def _scalars(tensors, scale, bias):
-    """(logit_scale, logit_bias) with the tensor ones replaced by `tensors` (the autograd leaves)."""
+    """(scale, bias) with the tensor ones replaced by `tensors` (the autograd leaves)."""
     it = iter(tensors)
     scale = next(it) if isinstance(scale, torch.Tensor) else scale
     bias = next(it) if isinstance(bias, torch.Tensor) else bias
@@ -57,20 +52,19 @@ def _scalars(tensors, scale, bias):
 
 
 @needs_ext
+@given(pst.contrastive_problems())
+def test_cpu_contrastive_loss_matches_reference(problem):
+    _check_against_reference(
+        problem, lambda x, y, s, b: contrastive_loss(x, y, s, b, kind=problem.kind, backend="cpu"),
+        lambda x, y, s, b: ref.contrastive_loss(x, y, s, b, problem.kind))
+
+
+@needs_ext
 @given(pst.similarity_problems())
 def test_cpu_similarity_logits_matches_reference(problem):
-    a, b, scale, bias = problem.make_storage()
-    view = problem.view
-
-    def ours(a, b, *scalars):
-        return similarity_logits(view(a), view(b), *_scalars(scalars, scale, bias), normalize=problem.normalize,
-                                 backend="cpu")
-
-    def reference(a, b, *scalars):
-        return ref.similarity_logits(view(a), view(b), *_scalars(scalars, scale, bias), problem.normalize)
-
-    args = [a, b] + [t for t in (scale, bias) if isinstance(t, torch.Tensor)]
-    assert_gradients_close_to_reference(ours, reference, args, name=f"similarity {problem}")
+    _check_against_reference(
+        problem, lambda a, b, s, bias: similarity_logits(a, b, s, bias, normalize=problem.normalize, backend="cpu"),
+        lambda a, b, s, bias: ref.similarity_logits(a, b, s, bias, problem.normalize))
 
 
 @needs_ext
@@ -120,8 +114,9 @@ def test_cpu_stats_backward_gradcheck_any_cotangent():
     s = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
     b = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
     for kind in (0, 1):
-        assert torch.autograd.gradcheck(lambda *t: torch.ops.pyvl.contrastive_stats(*t, kind),
-                                        (x.requires_grad_(), y.requires_grad_(), s, b))
+        for offset in (0, 2):  # a rank's block: its rows against every rank's columns, matched from `offset` on
+            assert torch.autograd.gradcheck(lambda *t: torch.ops.pyvl.contrastive_stats(*t, kind, offset),
+                                            (x.requires_grad_(), y.requires_grad_(), s, b))
 
 
 @needs_ext
@@ -130,12 +125,12 @@ def test_opcheck():
     s, b = torch.tensor(5.0, requires_grad=True), torch.tensor(-1.0, requires_grad=True)
     for kind in (0, 1):
         torch.library.opcheck(torch.ops.pyvl.contrastive_stats.default,
-                              (x.clone().requires_grad_(), y.clone().requires_grad_(), s, b, kind))
-        row, col = torch.ops.pyvl.contrastive_stats(x, y, s, b, kind)
+                              (x.clone().requires_grad_(), y.clone().requires_grad_(), s, b, kind, 0))
+        row, col, diag = torch.ops.pyvl.contrastive_stats(x, y, s, b, kind, 0)
         if kind == 0:
             torch.library.opcheck(torch.ops.pyvl.contrastive_stats_backward.default,
-                                  (torch.ones_like(row), torch.ones_like(col), x, y, s.detach(), b.detach(), row,
-                                   col, kind))
+                                  (torch.ones_like(row), torch.ones_like(col), torch.ones_like(diag), x, y,
+                                   s.detach(), b.detach(), row, col, kind, 0))
     a3 = torch.randn(2, 4, 6, requires_grad=True)
     b3 = torch.randn(1, 3, 6).expand(2, 3, 6).detach().requires_grad_()
     torch.library.opcheck(torch.ops.pyvl.similarity_logits.default, (a3, b3, s, b, True))

@@ -70,8 +70,10 @@ def test_softmax_bias_cancels():
 @pytest.mark.parametrize("kind", [0, 1])
 def test_stats_match_loops(kind):
     x, y = _features(6, 4, seed=3, M=9)
-    row, col = ref.contrastive_stats(x, y, 5.0, -0.5, kind)
+    row, col, diag = ref.contrastive_stats(x, y, 5.0, -0.5, kind, 4)
     L = [[_logit(x, y, i, j, 5.0, -0.5) for j in range(9)] for i in range(6)]
+    want_diag = [L[i][i + 4] if i + 4 < 9 else 0.0 for i in range(6)]
+    torch.testing.assert_close(diag, torch.tensor(want_diag, dtype=torch.float64), rtol=1e-12, atol=1e-12)
     if kind == 0:
         want_row = [_lse(r) for r in L]
         want_col = [_lse([L[i][j] for i in range(6)]) for j in range(9)]

@@ -40,9 +40,10 @@ at::Tensor similarity_logits_cpu(const at::Tensor& a, const at::Tensor& b, const
   return out.to(a.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor> contrastive_stats_cpu(const at::Tensor& x, const at::Tensor& y,
-                                                         const at::Tensor& logit_scale,
-                                                         const std::optional<at::Tensor>& logit_bias, int64_t kind) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_stats_cpu(const at::Tensor& x, const at::Tensor& y,
+                                                                     const at::Tensor& logit_scale,
+                                                                     const std::optional<at::Tensor>& logit_bias,
+                                                                     int64_t kind, int64_t diag_offset) {
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(1) == y.size(1), "pyvl::contrastive_stats: bad shapes");
   TORCH_CHECK(kind == 0 || kind == 1, "pyvl::contrastive_stats: kind must be 0 (softmax) or 1 (sigmoid)");
   const auto ct = compute_dtype(x.scalar_type());
@@ -50,39 +51,45 @@ std::tuple<at::Tensor, at::Tensor> contrastive_stats_cpu(const at::Tensor& x, co
   const int64_t n = x.size(0), m = y.size(0), d = x.size(1);
   at::Tensor row = at::empty({n}, xc.options());
   at::Tensor col = at::empty({kind == 0 ? m : 0}, xc.options());
+  at::Tensor diag = at::empty({n}, xc.options());
   const double s = scalar_of(logit_scale), b = logit_bias.has_value() ? scalar_of(*logit_bias) : 0.0;
   AT_DISPATCH_FLOATING_TYPES(ct, "pyvl::contrastive_stats", [&] {
     cpu::contrastive_stats_forward<scalar_t>(xc.const_data_ptr<scalar_t>(), yc.const_data_ptr<scalar_t>(), n, m, d,
                                              static_cast<scalar_t>(s), static_cast<scalar_t>(b),
-                                             static_cast<cpu::ContrastiveKind>(kind), row.mutable_data_ptr<scalar_t>(),
-                                             kind == 0 ? col.mutable_data_ptr<scalar_t>() : nullptr);
+                                             static_cast<cpu::ContrastiveKind>(kind), diag_offset,
+                                             row.mutable_data_ptr<scalar_t>(),
+                                             kind == 0 ? col.mutable_data_ptr<scalar_t>() : nullptr,
+                                             diag.mutable_data_ptr<scalar_t>());
   });
-  return {row, col};
+  return {row, col, diag};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_stats_backward_cpu(
-    const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& x, const at::Tensor& y,
-    const at::Tensor& logit_scale, const std::optional<at::Tensor>& logit_bias, const at::Tensor& row,
-    const at::Tensor& col, int64_t kind) {
+    const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& grad_diag, const at::Tensor& x,
+    const at::Tensor& y, const at::Tensor& logit_scale, const std::optional<at::Tensor>& logit_bias,
+    const at::Tensor& row, const at::Tensor& col, int64_t kind, int64_t diag_offset) {
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(1) == y.size(1), "pyvl::contrastive_stats_backward: bad shapes");
   const int64_t n = x.size(0), m = y.size(0), d = x.size(1);
   TORCH_CHECK(kind == 0 || kind == 1, "pyvl::contrastive_stats_backward: kind must be 0 or 1");
-  TORCH_CHECK(grad_row.numel() == n && row.numel() == n, "pyvl::contrastive_stats_backward: row sizes");
+  TORCH_CHECK(grad_row.numel() == n && row.numel() == n && grad_diag.numel() == n,
+              "pyvl::contrastive_stats_backward: row sizes");
   TORCH_CHECK(kind == 1 || (grad_col.numel() == m && col.numel() == m),
               "pyvl::contrastive_stats_backward: column sizes");
   const auto ct = compute_dtype(x.scalar_type());
   at::Tensor xc = x.to(ct).contiguous(), yc = y.to(ct).contiguous();
   at::Tensor gr = grad_row.to(ct).contiguous(), rc = row.to(ct).contiguous();
   at::Tensor gc = grad_col.to(ct).contiguous(), cc = col.to(ct).contiguous();
+  at::Tensor gd = grad_diag.to(ct).contiguous();
   at::Tensor gx = at::empty({n, d}, xc.options()), gy = at::empty({m, d}, xc.options());
   const double s = scalar_of(logit_scale), b = logit_bias.has_value() ? scalar_of(*logit_bias) : 0.0;
   double g_scale = 0, g_bias = 0;
   AT_DISPATCH_FLOATING_TYPES(ct, "pyvl::contrastive_stats_backward", [&] {
     cpu::contrastive_stats_backward<scalar_t>(
         xc.const_data_ptr<scalar_t>(), yc.const_data_ptr<scalar_t>(), n, m, d, static_cast<scalar_t>(s),
-        static_cast<scalar_t>(b), static_cast<cpu::ContrastiveKind>(kind), rc.const_data_ptr<scalar_t>(),
+        static_cast<scalar_t>(b), static_cast<cpu::ContrastiveKind>(kind), diag_offset, rc.const_data_ptr<scalar_t>(),
         kind == 0 ? cc.const_data_ptr<scalar_t>() : nullptr, gr.const_data_ptr<scalar_t>(),
-        kind == 0 ? gc.const_data_ptr<scalar_t>() : nullptr, gx.mutable_data_ptr<scalar_t>(),
+        kind == 0 ? gc.const_data_ptr<scalar_t>() : nullptr, gd.const_data_ptr<scalar_t>(),
+        gx.mutable_data_ptr<scalar_t>(),
         gy.mutable_data_ptr<scalar_t>(), &g_scale, &g_bias);
   });
   at::Tensor gs = at::full({}, g_scale, logit_scale.options());

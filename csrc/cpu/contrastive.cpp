@@ -62,132 +62,145 @@ constexpr int64_t BS = kSimBlock;
 
 template <typename T>
 void contrastive_stats_forward(const T* x, const T* y, int64_t n, int64_t m, int64_t d, T scale, T bias,
-                               ContrastiveKind kind, T* row, T* col) {
+                               ContrastiveKind kind, int64_t diag_offset, T* row, T* col, T* diag) {
   const bool softmax = kind == ContrastiveKind::Softmax;
   const T neg_inf = -std::numeric_limits<T>::infinity();
+  for (int64_t i = 0; i < n; ++i) diag[i] = T(0);  // pairs whose column is outside the block
   if (n == 0 || m == 0) {
     for (int64_t i = 0; i < n; ++i) row[i] = softmax ? neg_inf : T(0);
     if (softmax)
       for (int64_t j = 0; j < m; ++j) col[j] = neg_inf;
     return;
   }
-  std::vector<T> panels(static_cast<size_t>(round_up(m, kGemmNR) * d));
-  pack_panels<T>(y, m, d, d, panels.data());
   const int64_t row_blocks = (n + BS - 1) / BS;
   const int64_t col_blocks = (m + BS - 1) / BS;
   const int nt = omp_get_max_threads();
-  // Column statistics: a running (max, sum) per thread, merged at the end; O(threads * m), no n x m anywhere.
-  std::vector<T> cmax(softmax ? static_cast<size_t>(nt * m) : 0, neg_inf);
-  std::vector<double> csum(softmax ? static_cast<size_t>(nt * m) : 0, 0.0);
+  // Each thread owns whole column blocks: it packs its block of y once (no packed copy of all of y), completes
+  // those columns' statistics over every row block, and keeps a running (max, sum) of every row's statistic over
+  // its columns, merged at the end: O(threads * n) besides the tiles, no n x m anywhere.
+  std::vector<T> rmax_all(static_cast<size_t>(nt * n), neg_inf);
+  std::vector<double> rsum_all(static_cast<size_t>(nt * n), 0.0);
 #pragma omp parallel num_threads(nt)
   {
     const int t = omp_get_thread_num();
     std::vector<T> tile(BS * BS + kGemmNR);
     std::vector<T> scratch(kGemmMR * d);
-    T rmax[BS], cm[BS], cs[BS];
-    double rsum[BS];
-    T* my_cmax = softmax ? cmax.data() + t * m : nullptr;
-    double* my_csum = softmax ? csum.data() + t * m : nullptr;
+    std::vector<T> panel(BS * d);
+    T cmax[BS], tmax[BS], cs[BS];
+    double csum[BS];
+    T* my_rmax = rmax_all.data() + t * n;
+    double* my_rsum = rsum_all.data() + t * n;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t ib = 0; ib < row_blocks; ++ib) {
-      const int64_t i0 = ib * BS;
-      const int64_t rows = std::min(BS, n - i0);
-      for (int64_t i = 0; i < rows; ++i) {
-        rmax[i] = neg_inf;
-        rsum[i] = 0.0;
+    for (int64_t jb = 0; jb < col_blocks; ++jb) {
+      const int64_t j0 = jb * BS;
+      const int64_t cols = std::min(BS, m - j0);
+      pack_panels<T>(y + j0 * d, cols, d, d, panel.data());
+      for (int64_t j = 0; j < cols; ++j) {
+        cmax[j] = neg_inf;
+        csum[j] = 0.0;
       }
-      for (int64_t jb = 0; jb < col_blocks; ++jb) {
-        const int64_t j0 = jb * BS;
-        const int64_t cols = std::min(BS, m - j0);
-        dot_tile<T>(x + i0 * d, d, rows, panels.data(), d, j0, cols, tile.data(), scratch.data());
+      for (int64_t ib = 0; ib < row_blocks; ++ib) {
+        const int64_t i0 = ib * BS;
+        const int64_t rows = std::min(BS, n - i0);
+        dot_tile<T>(x + i0 * d, d, rows, panel.data(), d, 0, cols, tile.data(), scratch.data());
         for (int64_t i = 0; i < rows; ++i) {
           T* L = tile.data() + i * BS;
           for (int64_t j = 0; j < cols; ++j) L[j] = scale * L[j] + bias;
+          const int64_t jd = i0 + i + diag_offset - j0;  // this row's matched column, if it is in the tile
+          if (jd >= 0 && jd < cols) diag[i0 + i] = L[jd];
         }
         if (!softmax) {
           for (int64_t i = 0; i < rows; ++i) {
             const T* L = tile.data() + i * BS;
             T s = 0;
             for (int64_t j = 0; j < cols; ++j) s += softplus(L[j]);
-            rsum[i] += s;
+            my_rsum[i0 + i] += s;
           }
           continue;
         }
         for (int64_t i = 0; i < rows; ++i) {
           const T* L = tile.data() + i * BS;
-          T tmax = neg_inf;
-          for (int64_t j = 0; j < cols; ++j) tmax = L[j] > tmax ? L[j] : tmax;
-          const T nm = tmax > rmax[i] ? tmax : rmax[i];
+          T tm = neg_inf;
+          for (int64_t j = 0; j < cols; ++j) tm = L[j] > tm ? L[j] : tm;
+          const T old = my_rmax[i0 + i];
+          const T nm = tm > old ? tm : old;
           T s = 0;
           for (int64_t j = 0; j < cols; ++j) s += exp_fast(L[j] - nm);
-          rsum[i] = rsum[i] * exp_fast(rmax[i] - nm) + s;
-          rmax[i] = nm;
+          my_rsum[i0 + i] = my_rsum[i0 + i] * exp_fast(old - nm) + s;
+          my_rmax[i0 + i] = nm;
         }
         for (int64_t j = 0; j < cols; ++j) {
-          cm[j] = my_cmax[j0 + j];
+          tmax[j] = cmax[j];
           cs[j] = 0;
         }
         for (int64_t i = 0; i < rows; ++i) {
           const T* L = tile.data() + i * BS;
-          for (int64_t j = 0; j < cols; ++j) cm[j] = L[j] > cm[j] ? L[j] : cm[j];
+          for (int64_t j = 0; j < cols; ++j) tmax[j] = L[j] > tmax[j] ? L[j] : tmax[j];
         }
         for (int64_t i = 0; i < rows; ++i) {
           const T* L = tile.data() + i * BS;
-          for (int64_t j = 0; j < cols; ++j) cs[j] += exp_fast(L[j] - cm[j]);
+          for (int64_t j = 0; j < cols; ++j) cs[j] += exp_fast(L[j] - tmax[j]);
         }
         for (int64_t j = 0; j < cols; ++j) {
-          my_csum[j0 + j] = my_csum[j0 + j] * exp_fast(my_cmax[j0 + j] - cm[j]) + cs[j];
-          my_cmax[j0 + j] = cm[j];
+          csum[j] = csum[j] * exp_fast(cmax[j] - tmax[j]) + cs[j];
+          cmax[j] = tmax[j];
         }
       }
-      for (int64_t i = 0; i < rows; ++i)
-        row[i0 + i] = softmax ? T(rmax[i] + std::log(rsum[i])) : T(rsum[i]);
+      if (softmax)
+        for (int64_t j = 0; j < cols; ++j) col[j0 + j] = T(cmax[j] + std::log(csum[j]));
     }
   }
-  if (!softmax) return;
 #pragma omp parallel for schedule(static)
-  for (int64_t j = 0; j < m; ++j) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (!softmax) {
+      double s = 0;
+      for (int t = 0; t < nt; ++t) s += rsum_all[t * n + i];
+      row[i] = T(s);
+      continue;
+    }
     T mx = neg_inf;
-    for (int t = 0; t < nt; ++t) mx = std::max(mx, cmax[t * m + j]);
+    for (int t = 0; t < nt; ++t) mx = std::max(mx, rmax_all[t * n + i]);
     double s = 0;
     for (int t = 0; t < nt; ++t)
-      if (csum[t * m + j] != 0.0) s += csum[t * m + j] * std::exp(double(cmax[t * m + j]) - double(mx));
-    col[j] = T(mx + std::log(s));
+      if (rsum_all[t * n + i] != 0.0) s += rsum_all[t * n + i] * std::exp(double(rmax_all[t * n + i]) - double(mx));
+    row[i] = T(mx + std::log(s));
   }
 }
 
 template <typename T>
 void contrastive_stats_backward(const T* x, const T* y, int64_t n, int64_t m, int64_t d, T scale, T bias,
-                                ContrastiveKind kind, const T* row, const T* col, const T* grad_row,
-                                const T* grad_col, T* grad_x, T* grad_y, double* grad_scale, double* grad_bias) {
+                                ContrastiveKind kind, int64_t diag_offset, const T* row, const T* col,
+                                const T* grad_row, const T* grad_col, const T* grad_diag, T* grad_x, T* grad_y,
+                                double* grad_scale, double* grad_bias) {
   const bool softmax = kind == ContrastiveKind::Softmax;
   if (grad_x) std::fill(grad_x, grad_x + n * d, T(0));
   if (grad_y) std::fill(grad_y, grad_y + m * d, T(0));
   double gs_total = 0, gb_total = 0;
   if (n > 0 && m > 0) {
-    std::vector<T> panels(static_cast<size_t>(round_up(m, kGemmNR) * d));
-    pack_panels<T>(y, m, d, d, panels.data());
     const int64_t row_blocks = (n + BS - 1) / BS;
     const int64_t col_blocks = (m + BS - 1) / BS;
     // Each thread owns whole column blocks (so grad_y needs no synchronization) and visits every row block,
-    // starting at a different one per column block, so two threads rarely want the same grad_x rows at once;
-    // a lock per row block serializes the rare collision. Memory: the tiles, not n x m nor threads x n x d.
+    // thread t starting at row block t * row_blocks / threads, so two threads rarely want the same grad_x rows at
+    // once; a lock per row block serializes the rare collision. Memory: the tiles, not n x m nor threads x n x d.
     std::unique_ptr<std::mutex[]> locks(new std::mutex[row_blocks]);
 #pragma omp parallel
     {
       std::vector<T> tile(BS * BS + kGemmNR);
       std::vector<T> G(BS * BS + kGemmNR, T(0));
       std::vector<T> scratch(kGemmMR * d);
+      std::vector<T> panel(BS * d);  // this thread's column block of y, packed once per block
       double gs = 0, gb = 0;
+      const int64_t start = omp_get_thread_num() * row_blocks / omp_get_num_threads();
 #pragma omp for schedule(dynamic, 1)
       for (int64_t jb = 0; jb < col_blocks; ++jb) {
         const int64_t j0 = jb * BS;
         const int64_t cols = std::min(BS, m - j0);
+        pack_panels<T>(y + j0 * d, cols, d, d, panel.data());
         for (int64_t step = 0; step < row_blocks; ++step) {
-          const int64_t ib = (step + jb) % row_blocks;
+          const int64_t ib = (step + start) % row_blocks;
           const int64_t i0 = ib * BS;
           const int64_t rows = std::min(BS, n - i0);
-          dot_tile<T>(x + i0 * d, d, rows, panels.data(), d, j0, cols, tile.data(), scratch.data());
+          dot_tile<T>(x + i0 * d, d, rows, panel.data(), d, 0, cols, tile.data(), scratch.data());
           for (int64_t i = 0; i < BS; ++i) {
             T* g = G.data() + i * BS;
             if (i >= rows) {
@@ -217,6 +230,13 @@ void contrastive_stats_backward(const T* x, const T* y, int64_t n, int64_t m, in
               }
             }
             std::fill(g + cols, g + BS, T(0));
+            const int64_t jd = i0 + i + diag_offset - j0;  // the matched pair's logit: its own cotangent
+            if (jd >= 0 && jd < cols) {
+              const T v = grad_diag[i0 + i];
+              sum_gs += v * S[jd];
+              sum_g += v;
+              g[jd] += v * scale;
+            }
             gs += sum_gs;
             gb += sum_g;
           }
@@ -240,15 +260,16 @@ void contrastive_stats_backward(const T* x, const T* y, int64_t n, int64_t m, in
 }
 
 template void contrastive_stats_forward<float>(const float*, const float*, int64_t, int64_t, int64_t, float, float,
-                                               ContrastiveKind, float*, float*);
+                                               ContrastiveKind, int64_t, float*, float*, float*);
 template void contrastive_stats_forward<double>(const double*, const double*, int64_t, int64_t, int64_t, double,
-                                                double, ContrastiveKind, double*, double*);
+                                                double, ContrastiveKind, int64_t, double*, double*, double*);
 template void contrastive_stats_backward<float>(const float*, const float*, int64_t, int64_t, int64_t, float, float,
-                                                ContrastiveKind, const float*, const float*, const float*,
-                                                const float*, float*, float*, double*, double*);
+                                                ContrastiveKind, int64_t, const float*, const float*, const float*,
+                                                const float*, const float*, float*, float*, double*, double*);
 template void contrastive_stats_backward<double>(const double*, const double*, int64_t, int64_t, int64_t, double,
-                                                 double, ContrastiveKind, const double*, const double*,
-                                                 const double*, const double*, double*, double*, double*, double*);
+                                                 double, ContrastiveKind, int64_t, const double*, const double*,
+                                                 const double*, const double*, const double*, double*, double*,
+                                                 double*, double*);
 
 }  // namespace cpu
 }  // namespace pyvl

@@ -67,17 +67,18 @@ bool check_similarity(int64_t B, int64_t N, int64_t M, int64_t d, bool broadcast
 }
 
 template <typename T>
-bool check_stats(int64_t n, int64_t m, int64_t d, ContrastiveKind kind, double tol) {
+bool check_stats(int64_t n, int64_t m, int64_t d, int64_t offset, ContrastiveKind kind, double tol) {
   std::mt19937 rng(static_cast<unsigned>(n * 100 + m + d));
-  auto x = randn(n * d, rng), y = randn(m * d, rng), gr = randn(n, rng), gc = randn(m, rng);
+  auto x = randn(n * d, rng), y = randn(m * d, rng), gr = randn(n, rng), gc = randn(m, rng), gd = randn(n, rng);
   const double scale = 1.5 / std::sqrt(double(d)), bias = -0.5;
   const bool softmax = kind == ContrastiveKind::Softmax;
-  std::vector<double> L(n * m), row(n), col(m), gx(n * d, 0.0), gy(m * d, 0.0);
+  std::vector<double> L(n * m), row(n), col(m), diag(n, 0.0), gx(n * d, 0.0), gy(m * d, 0.0);
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < m; ++j) {
       double dot = 0;
       for (int64_t k = 0; k < d; ++k) dot += x[i * d + k] * y[j * d + k];
       L[i * m + j] = scale * dot + bias;
+      if (j == i + offset) diag[i] = L[i * m + j];
     }
   for (int64_t i = 0; i < n; ++i) {
     double mx = -INFINITY, s = 0;
@@ -95,8 +96,8 @@ bool check_stats(int64_t n, int64_t m, int64_t d, ContrastiveKind kind, double t
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < m; ++j) {
       const double l = L[i * m + j];
-      const double g = softmax ? gr[i] * std::exp(l - row[i]) + gc[j] * std::exp(l - col[j])
-                               : gr[i] / (1.0 + std::exp(-l));
+      const double g = (softmax ? gr[i] * std::exp(l - row[i]) + gc[j] * std::exp(l - col[j])
+                                : gr[i] / (1.0 + std::exp(-l))) + (j == i + offset ? gd[i] : 0.0);
       gs += g * (l - bias) / scale;
       gb += g;
       for (int64_t k = 0; k < d; ++k) {
@@ -104,16 +105,17 @@ bool check_stats(int64_t n, int64_t m, int64_t d, ContrastiveKind kind, double t
         gy[j * d + k] += g * scale * x[i * d + k];
       }
     }
-  auto xt = cast<T>(x), yt = cast<T>(y), grt = cast<T>(gr), gct = cast<T>(gc);
-  std::vector<T> row_t(n), col_t(m), gx_t(n * d), gy_t(m * d);
-  pyvl::cpu::contrastive_stats_forward<T>(xt.data(), yt.data(), n, m, d, T(scale), T(bias), kind, row_t.data(),
-                                          softmax ? col_t.data() : nullptr);
-  bool ok = close("row", row_t.data(), row, tol);
+  auto xt = cast<T>(x), yt = cast<T>(y), grt = cast<T>(gr), gct = cast<T>(gc), gdt = cast<T>(gd);
+  std::vector<T> row_t(n), col_t(m), diag_t(n), gx_t(n * d), gy_t(m * d);
+  pyvl::cpu::contrastive_stats_forward<T>(xt.data(), yt.data(), n, m, d, T(scale), T(bias), kind, offset,
+                                          row_t.data(), softmax ? col_t.data() : nullptr, diag_t.data());
+  bool ok = close("row", row_t.data(), row, tol) && close("diag", diag_t.data(), diag, tol);
   if (softmax) ok = ok && close("col", col_t.data(), col, tol);
   double gs_t = 0, gb_t = 0;
-  pyvl::cpu::contrastive_stats_backward<T>(xt.data(), yt.data(), n, m, d, T(scale), T(bias), kind, row_t.data(),
-                                           softmax ? col_t.data() : nullptr, grt.data(),
-                                           softmax ? gct.data() : nullptr, gx_t.data(), gy_t.data(), &gs_t, &gb_t);
+  pyvl::cpu::contrastive_stats_backward<T>(xt.data(), yt.data(), n, m, d, T(scale), T(bias), kind, offset,
+                                           row_t.data(), softmax ? col_t.data() : nullptr, grt.data(),
+                                           softmax ? gct.data() : nullptr, gdt.data(), gx_t.data(), gy_t.data(),
+                                           &gs_t, &gb_t);
   ok = ok && close("grad_x", gx_t.data(), gx, tol) && close("grad_y", gy_t.data(), gy, tol);
   ok = ok && close("grad_scale", &gs_t, std::vector<double>{gs}, tol) &&
        close("grad_bias", &gb_t, std::vector<double>{gb}, tol);
@@ -124,11 +126,12 @@ bool check_stats(int64_t n, int64_t m, int64_t d, ContrastiveKind kind, double t
 
 int main() {
   bool ok = true;
-  const int64_t shapes[][3] = {{1, 1, 1}, {5, 7, 3}, {97, 100, 17}, {200, 96, 32}, {13, 193, 40}};
+  // {n, m, d, diag_offset}: a rank's rows against all columns has m = world * n and offset = rank * n.
+  const int64_t shapes[][4] = {{1, 1, 1, 0}, {5, 7, 3, 2}, {97, 100, 17, 0}, {100, 200, 32, 100}, {13, 193, 40, 150}};
   for (const auto& s : shapes) {
     for (ContrastiveKind kind : {ContrastiveKind::Softmax, ContrastiveKind::Sigmoid}) {
-      ok = ok && check_stats<double>(s[0], s[1], s[2], kind, 1e-11);
-      ok = ok && check_stats<float>(s[0], s[1], s[2], kind, 2e-4);
+      ok = ok && check_stats<double>(s[0], s[1], s[2], s[3], kind, 1e-11);
+      ok = ok && check_stats<float>(s[0], s[1], s[2], s[3], kind, 2e-4);
     }
     for (bool normalize : {true, false}) {
       ok = ok && check_similarity<double>(2, s[0], s[1], s[2], false, normalize, 1e-12);

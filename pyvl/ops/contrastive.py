@@ -8,8 +8,8 @@ Backends: "reference" (pyvl.reference.contrastive: PyTorch, the N x N logits mat
 "cpu" (the C++ kernels in csrc/cpu/similarity.cpp and csrc/cpu/contrastive.cpp).
 
 contrastive_loss is assembled from per-row and per-column statistics of the logits block (torch.ops.pyvl.
-contrastive_stats: the row and column log-sum-exps for softmax, the row sums of softplus for sigmoid) plus the
-diagonal logits (O(N d)); the kernel computes the statistics tile by tile and its backward recomputes each tile's
+contrastive_stats: the row and column log-sum-exps for softmax, the row sums of softplus for sigmoid, and the
+matched pairs' logits); the kernel computes the statistics tile by tile and its backward recomputes each tile's
 logits, so neither direction stores an N x N matrix (memory O(N d)). Autograd through the statistics is exact:
 their backward takes any cotangents, which is what makes the distributed scheme below exact.
 
@@ -76,7 +76,8 @@ def _check_scalar(name, value, like, *, allow_none=False):
 def _as_tensor(value, like):
     if value is None or isinstance(value, torch.Tensor):
         return value
-    return torch.full((), value, dtype=like.dtype, device=like.device)
+    # In the compute dtype: a Python float scale is not rounded to bfloat16 / float16 before it scales the logits.
+    return torch.full((), value, dtype=_stats_dtype(like.dtype), device=like.device)
 
 
 def _stats_dtype(dtype):
@@ -135,30 +136,32 @@ def _similarity_backward(ctx, grad):
     return grad_a.to(a.dtype), grad_b.to(b.dtype), grad_scale, grad_bias, None
 
 
-def _fake_stats(x, y, logit_scale, logit_bias, kind):
+def _fake_stats(x, y, logit_scale, logit_bias, kind, diag_offset):
     sd = _stats_dtype(x.dtype)
-    return x.new_empty((x.shape[0],), dtype=sd), x.new_empty((y.shape[0] if kind == 0 else 0,), dtype=sd)
+    return (x.new_empty((x.shape[0],), dtype=sd), x.new_empty((y.shape[0] if kind == 0 else 0,), dtype=sd),
+            x.new_empty((x.shape[0],), dtype=sd))
 
 
-def _fake_stats_backward(grad_row, grad_col, x, y, logit_scale, logit_bias, row, col, kind):
+def _fake_stats_backward(grad_row, grad_col, grad_diag, x, y, logit_scale, logit_bias, row, col, kind, diag_offset):
     gb = torch.empty_like(logit_bias) if logit_bias is not None else x.new_empty((0,))
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(y, memory_format=torch.contiguous_format), torch.empty_like(logit_scale), gb)
 
 
 def _stats_setup(ctx, inputs, output):
-    x, y, logit_scale, logit_bias, kind = inputs
+    x, y, logit_scale, logit_bias, kind, diag_offset = inputs
     ctx.save_for_backward(x, y, logit_scale, logit_bias, output[0], output[1])
-    ctx.kind = kind
+    ctx.static = (kind, diag_offset)
 
 
-def _stats_backward(ctx, grad_row, grad_col):
+def _stats_backward(ctx, grad_row, grad_col, grad_diag):
     x, y, logit_scale, logit_bias, row, col = ctx.saved_tensors
     grad_row = torch.zeros_like(row) if grad_row is None else grad_row
     grad_col = torch.zeros_like(col) if grad_col is None else grad_col
-    gx, gy, gs, gb = torch.ops.pyvl.contrastive_stats_backward(grad_row, grad_col, x, y, logit_scale, logit_bias,
-                                                               row, col, ctx.kind)
-    return gx, gy, gs, (gb if logit_bias is not None else None), None
+    grad_diag = torch.zeros_like(row) if grad_diag is None else grad_diag
+    gx, gy, gs, gb = torch.ops.pyvl.contrastive_stats_backward(grad_row, grad_col, grad_diag, x, y, logit_scale,
+                                                               logit_bias, row, col, *ctx.static)
+    return gx, gy, gs, (gb if logit_bias is not None else None), None, None
 
 
 def _register():
@@ -347,12 +350,8 @@ def _from_stats(x, y, logit_scale, logit_bias, kind, stats, group):
 
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         y_all = _AllGather.apply(y, group)
-    row, col = stats(x, y_all, logit_scale, logit_bias, kind)
-    cd = row.dtype
-    # The diagonal logits: image i against its own text, both local to this rank.
-    diag = (x.to(cd) * y.to(cd)).sum(-1) * logit_scale.to(cd).reshape(())
-    if logit_bias is not None:
-        diag = diag + logit_bias.to(cd).reshape(())
+    # diag: image i's logit against its own text, column rank * n + i of the gathered texts.
+    row, col, diag = stats(x, y_all, logit_scale, logit_bias, kind, rank * n)
     if kind == 0:
         if group is not None:  # col holds this rank's rows' partial log-sum-exps: combine over ranks
             col = torch.logsumexp(_AllGather.apply(col[None], group), 0)[rank * n:(rank + 1) * n]

@@ -41,10 +41,15 @@ def contrastive_loss(image_features, text_features, logit_scale, logit_bias=None
     return -F.logsigmoid(labels * L).sum() / N
 
 
-def contrastive_stats(x, y, logit_scale, logit_bias, kind: int):
-    """What the kernels' contrastive_stats op computes, with the block of logits materialized:
-    kind 0: (logsumexp over columns [n], logsumexp over rows [m]); kind 1: (sum of softplus over columns [n], [0])."""
+def contrastive_stats(x, y, logit_scale, logit_bias, kind: int, diag_offset: int = 0):
+    """What the kernels' contrastive_stats op computes, with the block of logits L materialized:
+    kind 0: (logsumexp over columns [n], logsumexp over rows [m], diag); kind 1: (sum of softplus over columns [n],
+    an empty [0], diag); diag[i] = L[i, i + diag_offset] (0 where that column is outside the block)."""
     L = logits(x, y, logit_scale, logit_bias)
+    n, m = L.shape
+    i = torch.arange(n, device=L.device)
+    inside = (i + diag_offset >= 0) & (i + diag_offset < m)
+    diag = torch.where(inside, L[i, (i + diag_offset).clamp(0, max(m - 1, 0))], L.new_zeros(()))
     if kind == 0:
-        return L.logsumexp(1), L.logsumexp(0)
-    return (-F.logsigmoid(-L)).sum(1), L.new_empty((0,))
+        return L.logsumexp(1), L.logsumexp(0), diag
+    return (-F.logsigmoid(-L)).sum(1), L.new_empty((0,)), diag
