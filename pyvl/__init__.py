@@ -4,6 +4,7 @@
     y = pyvl.ops.depthwise_conv2d(x, weight, stride=2)          # drop-in op, backend chosen for you
     model = pyvl.models.mobilenet_v1()                           # one model per paper
     model = pyvl.interop.from_timm(timm.create_model("mobilenetv1_100"))
+    pyvl.patch(torchvision.models.swin_t())                      # swap a peer model's attention in place
 
 `pyvl info` lists the backends and why any is unavailable; `pyvl bench` runs the benchmarks.
 """
@@ -12,7 +13,7 @@ import torch  # noqa: F401  (pyvl._C links against torch's libraries, so torch l
 from . import ops  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ops", "nn", "models", "interop", "testing", "__version__"]
+__all__ = ["ops", "nn", "models", "interop", "testing", "patch", "__version__"]
 
 
 def __getattr__(name):
@@ -21,4 +22,8 @@ def __getattr__(name):
         import importlib
 
         return importlib.import_module(f"pyvl.{name}")
+    if name == "patch":
+        from .interop.patch import patch
+
+        return patch
     raise AttributeError(f"module 'pyvl' has no attribute {name!r}")

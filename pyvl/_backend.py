@@ -82,24 +82,38 @@ def reason(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> s
     return None
 
 
-def default_order(op: str, device: torch.device) -> tuple[str, ...]:
+def layout_of(x: torch.Tensor) -> str:
+    """"channels_last" for a 4-D tensor dense in that memory format (and not also plain contiguous), else "nchw"."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return "nchw"
+
+
+def default_order(op: str, device: torch.device, layout: str = "nchw") -> tuple[str, ...]:
     """Backends to try, fastest first, from measurements (benchmarks/ and benchmarks/results/).
 
     On a GPU only kernels verified there are candidates, ordered by their measured speed; `reference` (cuDNN)
-    follows. On the CPU the order per op is _CPU_ORDER, from `pyvl bench`.
+    follows. On the CPU the order per op is _CPU_ORDER, from `pyvl bench`; an entry may be a dict by input
+    layout ("nchw" / "channels_last") where the measurements differ between layouts.
     """
     if device.type == "cuda":
         return tuple(_verified.fastest_verified(op, ("cuda", "triton"))) + ("reference",)
     if device.type == "cpu":
-        return _CPU_ORDER.get(op, ("cpu", "reference"))
+        order = _CPU_ORDER.get(op, ("cpu", "reference"))
+        return order[layout] if isinstance(order, dict) else order
     return ("reference",)
 
 
-# From `pyvl bench` on the 2-core AMD EPYC development machine (fp32, batch 8, MobileNetV1 shapes, 2026-11-23):
-# the fused C++ block beats torch's channels_last dw + relu + 1x1 + relu (geometric mean 1.16x), while the C++
-# depthwise kernel alone is still slower than torch's oneDNN convolution (0.86x NCHW, 0.58x channels_last), so
-# the depthwise op defaults to the reference until the kernel wins.
-_CPU_ORDER = {"depthwise_conv2d": ("reference", "cpu"), "dsconv2d": ("cpu", "reference")}
+# From the 2-core AMD EPYC (Zen 3) development machine, fp32, batch 8, MobileNetV1 shapes, 2026-11-23. The fused C++
+# block beats torch's channels_last dw + relu + 1x1 + relu (geometric mean 1.16x). The C++ depthwise forward, per
+# layout, from torch_time / pyvl_time measured interleaved in one process, single-threaded in thread CPU time (the
+# machine was shared at load 10-13, where 2-thread wall times are scheduler noise): NCHW 1.36-1.44x (vectorized
+# small planes; 0.96-1.9x per shape), channels_last 0.84-0.95x (register-blocked strips win the 7x7..28x28 layers,
+# lose 0.6-0.9x on the 56x56 and 112x112 ones), so NCHW defaults to the kernel and channels_last to the reference.
+_CPU_ORDER = {
+    "depthwise_conv2d": {"nchw": ("cpu", "reference"), "channels_last": ("reference", "cpu")},
+    "dsconv2d": ("cpu", "reference"),
+}
 # Contrastive family (same machine, fp32, 2026-11-23, `pyvl bench --ops contrastive_loss,similarity_logits`): the
 # C++ loss forward + backward at N = 8192, d = 512 ran 1.15x faster than open_clip's ClipLoss in a twentieth of its
 # peak memory; the C++ similarity logits ran 2.4x faster than eager normalize + matmul (CLIP zero-shot shapes).
@@ -117,7 +131,7 @@ def choose(op: str, backend: str | None, x: torch.Tensor) -> str:
         if why is not None:
             raise RuntimeError(f"pyvl.ops.{op}: backend {requested!r} cannot run this input: {why}")
         return requested
-    for name in default_order(op, x.device):
+    for name in default_order(op, x.device, layout_of(x)):
         if reason(name, op, x.device, x.dtype) is None:
             return name
     return "reference"

@@ -176,8 +176,15 @@ def test_env_backend(monkeypatch):
     torch.testing.assert_close(depthwise_conv2d(x, w), depthwise_conv2d(x, w, backend=BACKEND))
 
 
-def test_default_backend_on_cpu_follows_the_measurements():
-    # The fused block's C++ kernel is faster than PyTorch; the depthwise kernel alone is not yet (pyvl bench).
-    assert pyvl._backend.choose("dsconv2d", None, torch.empty(1)) == "cpu"
-    assert pyvl._backend.choose("depthwise_conv2d", None, torch.empty(1)) == "reference"
-    assert pyvl._backend.choose("depthwise_conv2d", "cpu", torch.empty(1)) == "cpu"
+def test_default_backend_on_cpu_follows_the_measurements(monkeypatch):
+    # The fused block's C++ kernel is faster than PyTorch; the depthwise kernel alone wins in NCHW but not yet in
+    # channels_last (see _CPU_ORDER), so the default depends on the input's layout.
+    monkeypatch.delenv(pyvl._backend.ENV_VAR, raising=False)
+    nchw = torch.empty(2, 3, 4, 5)
+    channels_last = nchw.contiguous(memory_format=torch.channels_last)
+    assert pyvl._backend.choose("dsconv2d", None, channels_last) == "cpu"
+    assert pyvl._backend.choose("depthwise_conv2d", None, nchw) == "cpu"
+    assert pyvl._backend.choose("depthwise_conv2d", None, channels_last) == "reference"
+    assert pyvl._backend.choose("depthwise_conv2d", "cpu", channels_last) == "cpu"
+    # A tensor dense in both formats (one channel, or 1x1 planes) counts as NCHW.
+    assert pyvl._backend.layout_of(torch.empty(2, 1, 4, 5).contiguous(memory_format=torch.channels_last)) == "nchw"

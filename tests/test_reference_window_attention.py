@@ -94,6 +94,7 @@ CASES = [
     ((6, 8), (3, 4), (2, 1), True, True, True, False, -100.0),
     ((4, 5), (4, 3), (0, 1), False, False, False, True, float("-inf")),
     ((2, 3), (3, 3), (1, 1), True, False, True, True, -100.0),  # smaller than the window: shift ignored
+    ((2, 3), (3, 3), (1, 2), False, False, True, True, -100.0),  # timm keeps it: roll 2 tokens, pad, mask
     ((3, 5, 4), (2, 3, 3), (1, 1, 1), True, False, True, True, -100.0),
     ((3, 5, 4), (2, 3, 3), (1, 2, 1), False, True, False, True, -100.0),
 ]
@@ -103,7 +104,7 @@ CASES = [
 def test_reference_matches_token_by_token_contract(shape, window, shift, pad_first, cosine, table, pad, mask_value):
     q, k, v, e = _inputs((2,) + shape, 3, 5, window, seed=len(shape) + sum(shift), cosine=cosine, table=table,
                          pad=pad)
-    window, shift = normalize_window_args(q, window, shift)
+    window, shift = normalize_window_args(q, window, shift, pad_first)
     got = ref.window_attention(q, k, v, window, shift, e["table"], e["dense"], e["logit_scale"], e["scale"],
                                e["pad_k"], e["pad_v"], pad_first, mask_value)
     want = _direct(q, k, v, window, shift, mask_value=mask_value, pad_first=pad_first, **e)
@@ -114,6 +115,7 @@ def test_shift_is_zeroed_where_the_window_covers_the_padded_size():
     q = torch.zeros(1, 5, 9, 1, 2)
     assert normalize_window_args(q, (7, 3), (3, 1)) == ((7, 3), (0, 1))
     assert normalize_window_args(q, 5, 2) == ((5, 5), (0, 2))
+    assert normalize_window_args(q, (7, 3), (3, 1), pad_first=False) == ((7, 3), (3, 1))
 
 
 def _qkv_views(x, qkv_weight, qkv_bias, heads):

@@ -8,6 +8,7 @@
 // weights for consecutive channels are contiguous.
 // No output element is written by two threads, so there are no atomics and the results are deterministic.
 #include "cpu/depthwise_conv2d.h"
+#include "cpu/simd.h"
 
 #include <algorithm>
 #include <cstring>
@@ -179,26 +180,111 @@ void correlate_plane(const T* x, const T* w, T b, T* out, const PlaneGeom& g) {
   }
 }
 
-// Small planes are mostly border: copy them into a zero-padded scratch plane so every row runs the check-free
-// interior loop. Large planes keep the in-place split, where the border is a small fraction of the work.
+// Small planes (MobileNet's 7x7 to 56x56) are mostly border, and their rows are too short to fill vectors (a 7-wide
+// row is one partial vector per tap). So the plane is copied into its zero-padded stride phases: phase (a, b) holds
+// the padded rows a, a + S_h, ... and columns b, b + S_w, ..., each Hq x Wq. Output (oh, ow) then reads tap (kh, kw)
+// from phase ((kh*dh) % S_h, (kw*dw) % S_w) at row oh + (kh*dh) / S_h, column ow + (kw*dw) / S_w: along the flat index
+// g = oh*Wq + ow every tap is one contiguous run at a fixed offset, so the whole plane vectorizes as one long row
+// (Wq - OW junk columns per row are computed and dropped), any stride needing no strided loads. The padding cells are
+// zeroed once per thread and never written, since every plane of a call has the same geometry.
 constexpr int64_t kPadCopyMaxWidth = 64;
 
 template <typename T>
-void correlate_plane_small(const T* x, const T* w, T b, T* out, const PlaneGeom& g, std::vector<T>& scratch) {
-  if (g.W > kPadCopyMaxWidth || g.ph < 0 || g.pw < 0 || (g.ph == 0 && g.pw == 0)) {
-    correlate_plane(x, w, b, out, g);
-    return;
+class PhasePlanes {
+ public:
+  using V = simd::vec_t<T>;
+  static constexpr int64_t L = simd::lanes<T, V>;
+  static constexpr int kUnroll = 4;  // independent accumulators per step, to cover the FMA latency
+
+  explicit PhasePlanes(const PlaneGeom& g) : g_(g) {
+    Hq_ = (g.H + 2 * g.ph + g.sh - 1) / g.sh;
+    Wq_ = (g.W + 2 * g.pw + g.sw - 1) / g.sw;
+    G_ = g.OH * Wq_;
+    G_pad_ = (G_ + kUnroll * L - 1) / (kUnroll * L) * (kUnroll * L);
+    // Reads reach at most G_pad - 1 plus the largest tap offset, which stays below Hq*Wq + Wq; the slack covers it.
+    phase_stride_ = Hq_ * Wq_ + Wq_ + kUnroll * L;
+    phases_.assign(g.sh * g.sw * phase_stride_, T(0));
+    grid_.resize(G_pad_);
+    for (int64_t kh = 0; kh < g.KH; ++kh)
+      for (int64_t kw = 0; kw < g.KW; ++kw) {
+        const int64_t r = kh * g.dh, c = kw * g.dw;
+        tap_offset_.push_back(((r % g.sh) * g.sw + c % g.sw) * phase_stride_ + (r / g.sh) * Wq_ + c / g.sw);
+      }
   }
-  const int64_t Hp = g.H + 2 * g.ph, Wp = g.W + 2 * g.pw;
-  scratch.assign(Hp * Wp, T(0));
-  for (int64_t h = 0; h < g.H; ++h) std::copy(x + h * g.W, x + (h + 1) * g.W, scratch.data() + (h + g.ph) * Wp + g.pw);
-  PlaneGeom gp = g;
-  gp.H = Hp;
-  gp.W = Wp;
-  gp.ph = 0;
-  gp.pw = 0;
-  correlate_plane(scratch.data(), w, b, out, gp);
-}
+
+  // Stride 1 only: for strided planes the element-wise scatter into phases cost more than it saved (measured at
+  // 14x14..56x56 stride 2), so those keep the zero-padded copy below.
+  static bool applies(const PlaneGeom& g) {
+    return g.W <= kPadCopyMaxWidth && g.ph >= 0 && g.pw >= 0 && g.sh == 1 && g.sw == 1;
+  }
+
+  void correlate(const T* x, const T* w, T b, T* out) {
+    scatter(x);
+    const int64_t KK = g_.KH * g_.KW;
+    const V bv = simd::broadcast<V>(b);
+    for (int64_t i = 0; i < G_pad_; i += kUnroll * L) {
+      V acc[kUnroll];
+      for (int u = 0; u < kUnroll; ++u) acc[u] = bv;
+      for (int64_t k = 0; k < KK; ++k) {
+        const V wv = simd::broadcast<V>(w[k]);
+        const T* src = phases_.data() + tap_offset_[k] + i;
+#pragma GCC unroll 4
+        for (int u = 0; u < kUnroll; ++u) acc[u] = simd::fmadd(wv, simd::load<V>(src + u * L), acc[u]);
+      }
+#pragma GCC unroll 4
+      for (int u = 0; u < kUnroll; ++u) simd::store(grid_.data() + i + u * L, acc[u]);
+    }
+    for (int64_t oh = 0; oh < g_.OH; ++oh)
+      std::copy(grid_.data() + oh * Wq_, grid_.data() + oh * Wq_ + g_.OW, out + oh * g_.OW);
+  }
+
+ private:
+  void scatter(const T* x) {
+    for (int64_t h = 0; h < g_.H; ++h)
+      std::copy(x + h * g_.W, x + (h + 1) * g_.W, phases_.data() + (h + g_.ph) * Wq_ + g_.pw);
+  }
+
+  PlaneGeom g_;
+  int64_t Hq_, Wq_, G_, G_pad_, phase_stride_;
+  std::vector<T> phases_, grid_;
+  std::vector<int64_t> tap_offset_;
+};
+
+// One thread's plane kernel: small stride-1 planes through PhasePlanes; other small padded planes copied into a
+// zero-padded scratch plane so every row runs the check-free interior loop; large planes in place, where the border
+// is a small fraction of the work.
+template <typename T>
+class PlaneCorrelator {
+ public:
+  explicit PlaneCorrelator(const PlaneGeom& g) : g_(g) {
+    if (PhasePlanes<T>::applies(g)) phases_.emplace_back(g);
+    pad_copy_ = phases_.empty() && g.W <= kPadCopyMaxWidth && g.ph >= 0 && g.pw >= 0 && (g.ph > 0 || g.pw > 0);
+    if (pad_copy_) {
+      padded_ = g;
+      padded_.H = g.H + 2 * g.ph;
+      padded_.W = g.W + 2 * g.pw;
+      padded_.ph = padded_.pw = 0;
+      scratch_.assign(padded_.H * padded_.W, T(0));  // the border stays zero; each plane rewrites the interior
+    }
+  }
+  void operator()(const T* x, const T* w, T b, T* out) {
+    if (!phases_.empty()) {
+      phases_.front().correlate(x, w, b, out);
+    } else if (pad_copy_) {
+      for (int64_t h = 0; h < g_.H; ++h)
+        std::copy(x + h * g_.W, x + (h + 1) * g_.W, scratch_.data() + (h + g_.ph) * padded_.W + g_.pw);
+      correlate_plane(scratch_.data(), w, b, out, padded_);
+    } else {
+      correlate_plane(x, w, b, out, g_);
+    }
+  }
+
+ private:
+  PlaneGeom g_, padded_{};
+  bool pad_copy_ = false;
+  std::vector<T> scratch_;
+  std::vector<PhasePlanes<T>> phases_;  // empty or one
+};
 
 PlaneGeom plane_geom(const Conv2dShape& s) {
   return PlaneGeom{s.H, s.W, s.OH, s.OW, s.KH, s.KW, s.stride_h, s.stride_w, s.pad_h, s.pad_w, s.dil_h, s.dil_w};
@@ -209,13 +295,12 @@ void forward_nchw(const T* x, const T* weight, const T* bias, T* out, const Conv
   const PlaneGeom g = plane_geom(s);
 #pragma omp parallel
   {
-    std::vector<T> scratch;
+    PlaneCorrelator<T> correlate(g);
 #pragma omp for collapse(2) schedule(static)
     for (int64_t n = 0; n < s.N; ++n) {
       for (int64_t c = 0; c < s.C; ++c) {
         const int64_t p = n * s.C + c;
-        correlate_plane_small(x + p * s.H * s.W, weight + c * s.KH * s.KW, bias ? bias[c] : T(0),
-                              out + p * s.OH * s.OW, g, scratch);
+        correlate(x + p * s.H * s.W, weight + c * s.KH * s.KW, bias ? bias[c] : T(0), out + p * s.OH * s.OW);
       }
     }
   }
@@ -234,13 +319,12 @@ void backward_input_nchw(const T* grad_out, const T* weight, T* grad_x, const Co
                       s.dil_h * (s.KH - 1) - s.pad_h, s.dil_w * (s.KW - 1) - s.pad_w, s.dil_h, s.dil_w};
 #pragma omp parallel
     {
-      std::vector<T> scratch;
+      PlaneCorrelator<T> correlate(g);
 #pragma omp for collapse(2) schedule(static)
       for (int64_t n = 0; n < s.N; ++n) {
         for (int64_t c = 0; c < s.C; ++c) {
           const int64_t p = n * s.C + c;
-          correlate_plane_small(grad_out + p * s.OH * s.OW, flipped.data() + c * KK, T(0), grad_x + p * s.H * s.W, g,
-                                scratch);
+          correlate(grad_out + p * s.OH * s.OW, flipped.data() + c * KK, T(0), grad_x + p * s.H * s.W);
         }
       }
     }
@@ -495,6 +579,161 @@ void gather_nhwc(const T* src, int64_t src_H, int64_t src_W, const T* wt, const 
   }
 }
 
+// Register-blocked forward for kernels three taps wide (dilation 1 along w, stride 1 or 2 along w).
+//
+// A strip of P output pixels x NV vectors of channels is held in P*NV accumulators; per kernel row the strip's
+// S*(P-1)+3 input pixels are each loaded once into a register and feed every output they touch, with that row's
+// three weight vectors in registers. Rows come from the tap table (any KH, stride_h, dilation_h); columns are checked
+// only in strips that reach over the padding (CHECK), so interior strips carry no bounds tests. V = T runs the
+// channel tail one lane at a time through the same code.
+//
+// Channels go in blocks of two vectors (one 64-byte line of floats), innermost, so the input rows and the output
+// row are swept in address order; the weights are packed per block ([block][tap][lane]) so that sweep reads them in
+// order too. Reading taps-major weights ([tap][C]: nine streams 1-4 KiB apart at C = 256..1024, all in a few L1 sets)
+// and one vector per block (each line visited twice) measured several times slower at those widths.
+constexpr int kStripMaxRows = 16;  // kernel rows held in the per-row pointer arrays
+constexpr int kStripPixels = 4;    // 4 pixels x 2 vectors = 8 accumulators + 6 weights + 1 input: 15 AVX2 registers
+
+template <typename T>
+constexpr int64_t kChannelPack = 2 * simd::lanes<T, simd::vec_t<T>>;  // 16 floats, 8 doubles
+
+// [C, KH*KW] -> [ceil(C / B)][KH*KW][B], zero-padded, B = kChannelPack.
+template <typename T>
+std::vector<T> pack_channel_blocks(const T* weight, int64_t C, int64_t KK) {
+  constexpr int64_t B = kChannelPack<T>;
+  std::vector<T> packed((C + B - 1) / B * KK * B, T(0));
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t k = 0; k < KK; ++k) packed[(c / B * KK + k) * B + c % B] = weight[c * KK + k];
+  return packed;
+}
+
+// out pixels [P] x channels [c, c + NV*lanes): xrows[a] is kernel row a's input row (pixel 0, channel 0) and
+// wrows[a] + woff its three packed weight taps (B apart).
+template <typename T, typename V, int NV, int S, int P, bool CHECK>
+inline void strip3(T* __restrict out, const T* const* xrows, const T* const* wrows, int64_t woff, int nr,
+                   const T* bias, int64_t c, int64_t C, int64_t iw0, int64_t W) {
+  constexpr int NI = S * (P - 1) + 3;
+  constexpr int L = simd::lanes<T, V>;
+  constexpr int64_t B = kChannelPack<T>;
+  V acc[P][NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const V b = bias ? simd::load<V>(bias + c + v * L) : V{};
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p) acc[p][v] = b;
+  }
+  for (int a = 0; a < nr; ++a) {
+    const T* xp = xrows[a] + c + iw0 * C;  // walks the strip's input pixels, C apart
+    const T* wr = wrows[a] + woff;
+    V w[3][NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+#pragma GCC unroll 3
+      for (int k = 0; k < 3; ++k) {
+        w[k][v] = simd::load<V>(wr + k * B + v * L);
+        simd::pin(w[k][v]);
+      }
+    }
+#pragma GCC unroll 32
+    for (int j = 0; j < NI; ++j) {
+      const T* xj = xp;
+      xp += C;
+      if (CHECK && (iw0 + j < 0 || iw0 + j >= W)) continue;
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        V xv = simd::load<V>(xj + v * L);
+        simd::pin(xv);
+#pragma GCC unroll 16
+        for (int p = 0; p < P; ++p) {
+          const int kw = j - S * p;
+          if (kw >= 0 && kw < 3) acc[p][v] = simd::fmadd(w[kw][v], xv, acc[p][v]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) simd::store(out + p * C + c + v * L, acc[p][v]);
+}
+
+// One strip of P pixels over the channel block [c0, c0 + len), len <= kChannelPack: two vectors when the block is
+// full, else one vector and then single lanes.
+template <typename T, int S, bool CHECK, int P>
+inline void strip3_block(T* out, const T* const* xrows, const T* const* wrows, int nr, const T* bias, int64_t c0,
+                         int64_t len, int64_t C, int64_t iw0, int64_t W) {
+  using V = simd::vec_t<T>;
+  constexpr int64_t L = simd::lanes<T, V>;
+  if (len == 2 * L) {
+    strip3<T, V, 2, S, P, CHECK>(out, xrows, wrows, 0, nr, bias, c0, C, iw0, W);
+    return;
+  }
+  int64_t i = 0;
+  if (len >= L) {
+    strip3<T, V, 1, S, P, CHECK>(out, xrows, wrows, 0, nr, bias, c0, C, iw0, W);
+    i = L;
+  }
+  for (; i < len; ++i) strip3<T, T, 1, S, P, CHECK>(out, xrows, wrows, i, nr, bias, c0 + i, C, iw0, W);
+}
+
+template <typename T, int S, bool CHECK>
+void strip3_any(int n, T* out, const T* const* xrows, const T* const* wrows, int nr, const T* bias, int64_t c0,
+                int64_t len, int64_t C, int64_t iw0, int64_t W) {
+  static_assert(kStripPixels == 4, "one case per strip length");
+  switch (n) {
+    case 4: strip3_block<T, S, CHECK, 4>(out, xrows, wrows, nr, bias, c0, len, C, iw0, W); break;
+    case 3: strip3_block<T, S, CHECK, 3>(out, xrows, wrows, nr, bias, c0, len, C, iw0, W); break;
+    case 2: strip3_block<T, S, CHECK, 2>(out, xrows, wrows, nr, bias, c0, len, C, iw0, W); break;
+    default: strip3_block<T, S, CHECK, 1>(out, xrows, wrows, nr, bias, c0, len, C, iw0, W); break;
+  }
+}
+
+bool strip3_applies(const Conv2dShape& s) {
+  return s.KW == 3 && s.dil_w == 1 && (s.stride_w == 1 || s.stride_w == 2) && s.KH <= kStripMaxRows;
+}
+
+// out [N, OH, OW, C] = correlation of x [N, H, W, C] with the packed weights [block][KH*3][B] + bias.
+template <typename T, int S>
+void forward_nhwc_strips(const T* x, const T* wpk, const T* bias, T* out, int64_t N, int64_t H, int64_t W, int64_t C,
+                         int64_t OH, int64_t OW, int64_t KH, int64_t pad_w, const TapTable& rows) {
+  constexpr int64_t B = kChannelPack<T>;
+  const int64_t KK = KH * 3;
+  // Software prefetch of the next strip's input (below) paid 1.2-2x at C = 64..256 on the development machine's
+  // Zen 3 and cost ~10% at C = 32, where a pixel is only two lines and the hardware prefetchers keep up.
+  const bool prefetch = C * static_cast<int64_t>(sizeof(T)) >= 256;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t oh = 0; oh < OH; ++oh) {
+      const T* xrows[kStripMaxRows];
+      const int nr = static_cast<int>(rows.count[oh]);
+      for (int a = 0; a < nr; ++a) xrows[a] = x + (n * H + rows.pos[oh * rows.K + a]) * W * C;
+      T* orow = out + (n * OH + oh) * OW * C;
+      auto run = [&](int64_t c0, int64_t ow) {
+        const int64_t len = std::min(B, C - c0);
+        const T* wrows[kStripMaxRows];
+        for (int a = 0; a < nr; ++a) wrows[a] = wpk + (c0 / B * KK + rows.k[oh * rows.K + a] * 3) * B;
+        const int pn = static_cast<int>(std::min<int64_t>(kStripPixels, OW - ow));
+        const int64_t iw0 = ow * S - pad_w;
+        T* o = orow + ow * C;
+        if (prefetch) {
+          // The next strip's new input pixels, this channel block: many interleaved short streams that the hardware
+          // prefetchers do not follow on their own.
+          const int64_t q_lo = std::max<int64_t>(iw0 + S * kStripPixels + 2 - (S == 1 ? 0 : 1), 0);
+          const int64_t q_hi = std::min<int64_t>(iw0 + 2 * S * kStripPixels + 2, W);
+          for (int a = 0; a < nr; ++a)
+            for (int64_t q = q_lo; q < q_hi; ++q) __builtin_prefetch(xrows[a] + q * C + c0);
+        }
+        if (iw0 >= 0 && iw0 + S * (pn - 1) + 2 < W)
+          strip3_any<T, S, false>(pn, o, xrows, wrows, nr, bias, c0, len, C, iw0, W);
+        else
+          strip3_any<T, S, true>(pn, o, xrows, wrows, nr, bias, c0, len, C, iw0, W);
+      };
+      for (int64_t ow = 0; ow < OW; ow += kStripPixels)
+        for (int64_t c0 = 0; c0 < C; c0 += B) run(c0, ow);
+    }
+  }
+}
+
 // [C, KH*KW] -> [KH*KW, C]
 template <typename T>
 std::vector<T> taps_major(const T* weight, int64_t C, int64_t KK) {
@@ -557,8 +796,16 @@ void depthwise_conv2d_forward(const T* x, const T* weight, const T* bias, T* out
     forward_nchw(x, weight, bias, out, s);
     return;
   }
-  const std::vector<T> wt = taps_major(weight, s.C, s.KH * s.KW);
   const TapTable rows = forward_taps(s.OH, s.H, s.KH, s.stride_h, s.pad_h, s.dil_h);
+  if (strip3_applies(s)) {
+    const std::vector<T> wpk = pack_channel_blocks(weight, s.C, s.KH * s.KW);
+    if (s.stride_w == 1)
+      forward_nhwc_strips<T, 1>(x, wpk.data(), bias, out, s.N, s.H, s.W, s.C, s.OH, s.OW, s.KH, s.pad_w, rows);
+    else
+      forward_nhwc_strips<T, 2>(x, wpk.data(), bias, out, s.N, s.H, s.W, s.C, s.OH, s.OW, s.KH, s.pad_w, rows);
+    return;
+  }
+  const std::vector<T> wt = taps_major(weight, s.C, s.KH * s.KW);
   const TapTable cols = forward_taps(s.OW, s.W, s.KW, s.stride_w, s.pad_w, s.dil_w);
   gather_nhwc(x, s.H, s.W, wt.data(), bias, out, s.OH, s.OW, s.N, s.C, s.KW, rows, cols, s.stride_w);
 }

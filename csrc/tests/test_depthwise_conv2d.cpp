@@ -110,6 +110,14 @@ int main() {
       make_shape(2, 9, 8, 10, 3, 5, 2, 3, 3, 2, 2, 1),     // padding larger than the kernel's reach
       make_shape(1, 4, 6, 71, 3, 3, 1, 1, 1, 1, 1, 1),     // wide rows: in-place interior/border split (no pad copy)
       make_shape(1, 3, 7, 67, 5, 3, 2, 2, 2, 1, 1, 1),     // wide rows, stride 2
+      // NHWC forward strips (kernel width 3, stride_w 1 or 2): widths that are not a multiple of the 4-pixel strip,
+      // channels that fill two vectors, one vector and single lanes, strips that lie partly or wholly in the padding.
+      make_shape(2, 27, 9, 13, 3, 3, 1, 1, 1, 1, 1, 1),    // channels 16 + 8 + 3 (float), 8 + 8 + 4 + 3 (double)
+      make_shape(1, 50, 7, 7, 3, 3, 1, 1, 1, 1, 1, 1),     // MobileNet's 7x7: strips of 4 and 3, both in the padding
+      make_shape(2, 35, 11, 14, 3, 3, 2, 2, 1, 1, 1, 1),   // stride 2, even width
+      make_shape(1, 19, 10, 9, 5, 3, 2, 1, 2, 0, 2, 1),    // 5x3 kernel, no column padding, dilated strided rows
+      make_shape(1, 24, 5, 2, 3, 3, 1, 2, 1, 2, 1, 1),     // width 2, padding 2: strips over the padding alone
+      make_shape(3, 16, 6, 30, 3, 3, 1, 1, 0, 0, 1, 1),    // no padding: interior strips only, exact vectors
   };
   std::mt19937 rng(1234);
   int failures = 0;

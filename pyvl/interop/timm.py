@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import nn
 
 __all__ = ["from_timm", "register_timm_converter", "timm_architecture"]
@@ -67,11 +68,25 @@ def from_timm(model: nn.Module) -> nn.Module:
     raise ValueError(f"from_timm supports {_supported()}; got {_describe(model)}")
 
 
-def _load(pyvl_model: nn.Module, model: nn.Module) -> nn.Module:
+def _build_uninitialized(cls, config: dict) -> nn.Module:
+    """cls(**config) without running its weight init (every parameter is about to be loaded): built on the meta
+    device, then given real storage; non-persistent buffers are recomputed by the modules that own them
+    (init_non_persistent_buffers). Saves the init of large models (seconds for Swin-B)."""
+    with torch.device("meta"):
+        model = cls(**config)
+    model.to_empty(device="cpu")
+    for m in model.modules():
+        if hasattr(m, "init_non_persistent_buffers"):
+            m.init_non_persistent_buffers()
+    return model
+
+
+def _load(pyvl_model: nn.Module, model: nn.Module, state_dict: dict | None = None) -> nn.Module:
+    """pyvl_model on model's device and dtype, loaded strictly with state_dict (default: model's), in model's mode."""
     param = next(model.parameters(), None)
     if param is not None:
         pyvl_model.to(device=param.device, dtype=param.dtype)
-    pyvl_model.load_state_dict(model.state_dict(), strict=True)
+    pyvl_model.load_state_dict(model.state_dict() if state_dict is None else state_dict, strict=True)
     return pyvl_model.train(model.training)
 
 
@@ -191,3 +206,104 @@ def _convert_mobilenet_v1(model: nn.Module) -> nn.Module:
         raise ValueError(f"from_timm supports timm's mobilenetv1 ({_MOBILENET_V1_SUPPORTED}); got "
                          f"{_describe(model)} without timm's EfficientNet layout ({e})") from None
     return _load(MobileNetV1(**config), model)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Swin and Swin V2: timm.models.swin_transformer.SwinTransformer and swin_transformer_v2.SwinTransformerV2.
+
+_SWIN_SUPPORTED = ("swin_* and swinv2_* (SwinTransformer / SwinTransformerV2: GELU, LayerNorm, average pooling, "
+                   "head_dim = dim / heads, windows shrunk to the stage resolution as timm does by default, "
+                   "no attention dropout)")
+_SWIN_CLASSES = {"SwinTransformer": ("timm.models.swin_transformer", 1),
+                 "SwinTransformerV2": ("timm.models.swin_transformer_v2", 2)}
+
+
+def _is_swin(model: nn.Module) -> bool:
+    entry = _SWIN_CLASSES.get(type(model).__name__)
+    return entry is not None and type(model).__module__ == entry[0]
+
+
+def _is_exact_gelu(act: nn.Module) -> bool:
+    """torch's nn.GELU() or timm's GELU (F.gelu without approximation)."""
+    if type(act) is nn.GELU:
+        return act.approximate == "none"
+    return type(act).__name__ == "GELU" and type(act).__module__ == "timm.layers.activations"
+
+
+def _swin_config(model, version: int) -> dict:
+    from ..models.swin import stage_windows
+
+    embed = model.patch_embed
+    conv = embed.proj
+    if type(conv) is not nn.Conv2d or conv.kernel_size != conv.stride or conv.padding != (0, 0):
+        raise _Unsupported(f"patch_embed.proj is {conv!r}, not a patch_size-stride conv")
+    if getattr(embed, "dynamic_img_pad", False) or type(embed.norm) is not nn.LayerNorm:
+        raise _Unsupported("patch_embed pads dynamically or has no LayerNorm")
+    eps = embed.norm.eps
+    embed_dim = conv.out_channels
+    depths, heads, windows, pretrained, rates = [], [], [], [], []
+    for i, stage in enumerate(model.layers):
+        dim = embed_dim * 2 ** i
+        blocks = list(stage.blocks)
+        depths.append(len(blocks))
+        heads.append(blocks[0].attn.num_heads)
+        windows.append(tuple(blocks[0].window_size))
+        if version == 2:
+            pretrained.append(tuple(blocks[0].attn.pretrained_window_size))
+        if (i > 0) != (type(stage.downsample) is not nn.Identity):
+            raise _Unsupported(f"layers.{i}.downsample is {type(stage.downsample).__name__}")
+        if i > 0 and (type(stage.downsample.norm) is not nn.LayerNorm or stage.downsample.out_dim != dim):
+            raise _Unsupported(f"layers.{i}.downsample has a {type(stage.downsample.norm).__name__} norm or "
+                               f"{stage.downsample.out_dim} output channels (expected LayerNorm, {dim})")
+        for j, block in enumerate(blocks):
+            where = f"layers.{i}.blocks.{j}"
+            attn = block.attn
+            if block.always_partition:
+                raise _Unsupported(f"{where} has always_partition=True")
+            if attn.qkv.out_features != 3 * dim or attn.num_heads != heads[-1]:
+                raise _Unsupported(f"{where}.attn has head_dim * heads != dim or a different head count")
+            if attn.attn_drop.p:
+                raise _Unsupported(f"{where}.attn has attention dropout {attn.attn_drop.p}; pyvl has none")
+            if not _is_exact_gelu(block.mlp.act) or type(block.mlp.norm) is not nn.Identity:
+                raise _Unsupported(f"{where}.mlp is not fc1 - GELU - fc2")
+            for name in ("norm1", "norm2"):
+                norm = getattr(block, name)
+                if type(norm) is not nn.LayerNorm or norm.eps != eps:
+                    raise _Unsupported(f"{where}.{name} is {norm!r}, not LayerNorm(eps={eps})")
+            rates.append(float(getattr(block.drop_path1, "drop_prob", 0.0)))
+    if getattr(model.head, "pool_type", "avg") != "avg" or model.global_pool != "avg":
+        raise _Unsupported(f"global_pool is {model.global_pool!r}; pyvl averages")
+    fc = model.head.fc
+    num_classes = fc.out_features if type(fc) is nn.Linear else 0
+    first = model.layers[0].blocks[0]
+    config = dict(embed_dim=embed_dim, depths=tuple(depths), num_heads=tuple(heads), window_size=windows,
+                  version=version, flavor="timm", img_size=tuple(embed.img_size), patch_size=tuple(conv.kernel_size),
+                  in_chans=conv.in_channels, num_classes=num_classes,
+                  mlp_ratio=first.mlp.fc1.out_features / embed_dim,
+                  qkv_bias=(first.attn.q_bias is not None) if version == 2 else (first.attn.qkv.bias is not None),
+                  drop_rate=float(model.head.drop.p), proj_drop_rate=float(first.attn.proj_drop.p),
+                  drop_path_rate=rates[-1], eps=eps)
+    if version == 2:
+        config["pretrained_window_sizes"] = pretrained
+    # pyvl recomputes each block's window and shift from img_size; they must come out as timm's.
+    for i, (window, shifts) in enumerate(stage_windows("timm", windows, depths, config["img_size"],
+                                                       config["patch_size"])):
+        for j, block in enumerate(model.layers[i].blocks):
+            if (tuple(block.window_size), tuple(block.shift_size)) != (window, shifts[j % 2]):
+                raise _Unsupported(f"layers.{i}.blocks.{j} has window {block.window_size} and shift "
+                                   f"{block.shift_size}, not the {window} and {shifts[j % 2]} its resolution gives")
+    return config
+
+
+@register_timm_converter("swin", _is_swin, _SWIN_SUPPORTED)
+def _convert_swin(model: nn.Module) -> nn.Module:
+    from ..models.swin import SwinTransformer
+
+    try:
+        config = _swin_config(model, _SWIN_CLASSES[type(model).__name__][1])
+    except _Unsupported as e:
+        raise ValueError(f"from_timm supports timm's {_SWIN_SUPPORTED}; got {_describe(model)} whose {e}") from None
+    except (AttributeError, IndexError) as e:
+        raise ValueError(f"from_timm supports timm's {_SWIN_SUPPORTED}; got {_describe(model)} without timm's "
+                         f"Swin layout ({e})") from None
+    return _load(_build_uninitialized(SwinTransformer, config), model)

@@ -16,8 +16,9 @@ Geometry, per spatial dim (S its size, w the window, s the shift, Sp = ceil(S / 
     p = (r + s) mod Sp: token p if p < S, else a padding token.
   * pad_first=False (timm): roll the S tokens by -s, then pad. Position r holds token (r + s) mod S if r < S, else
     a padding token.
-  * The shift is ignored in a dim where w >= Sp (one window: torchvision's rule). The op never shrinks a window;
-    models shrink it where their peer does.
+  * With pad_first=True the shift is ignored in a dim where w >= Sp (one window: torchvision's rule); with
+    pad_first=False it is kept (timm models with a dynamic image size shift a dim that one window covers). The op
+    never shrinks a window; models shrink it where their peer does.
   * With a shift, each grid position has a region label per dim: 0 for r < Sp - w, 1 for r < Sp - s, else 2. A query
     and a key of one window whose label tuples differ get `mask_value` added to their logit (-100, as every peer
     does; float("-inf") excludes the pair).
@@ -42,7 +43,9 @@ from .. import _backend
 from ..reference import window_attention as ref
 from ._checks import check_tensor
 
-__all__ = ["window_attention", "normalize_window_args"]
+__all__ = ["window_attention", "normalize_window_args", "relative_position_index"]
+
+relative_position_index = ref.relative_position_index  # for modules that keep the peers' index buffers
 
 OP = "window_attention"
 
@@ -60,9 +63,10 @@ def _per_dim(name, value, nd, minimum):
     return tuple(int(v) for v in value)
 
 
-def normalize_window_args(q, window_size, shift_size) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Checks window_size and shift_size against q's spatial sizes; returns (window, shift) per spatial dim, the
-    shift zeroed where the window covers the padded size."""
+def normalize_window_args(q, window_size, shift_size,
+                          pad_first: bool = True) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Checks window_size and shift_size against q's spatial sizes; returns (window, shift) per spatial dim, with
+    pad_first (torchvision's order) the shift zeroed where the window covers the padded size."""
     nd = q.dim() - 3
     window = _per_dim("window_size", window_size, nd, 1)
     shift = _per_dim("shift_size", shift_size, nd, 0)
@@ -71,11 +75,13 @@ def normalize_window_args(q, window_size, shift_size) -> tuple[tuple[int, ...], 
             raise ValueError(f"shift_size must be smaller than window_size in every dim, got shift {shift} for "
                              f"window {window}")
     sizes = q.shape[1:1 + nd]
-    shift = tuple(0 if w >= ref.padded_size(n, w) else s for n, w, s in zip(sizes, window, shift))
+    if pad_first:
+        shift = tuple(0 if w >= ref.padded_size(n, w) else s for n, w, s in zip(sizes, window, shift))
     return window, shift
 
 
-def _check(q, k, v, window_size, shift_size, rel_bias_table, rel_bias, logit_scale, scale, pad_kv, mask_value):
+def _check(q, k, v, window_size, shift_size, rel_bias_table, rel_bias, logit_scale, scale, pad_kv, pad_first,
+           mask_value):
     check_tensor("q", q)
     if q.dim() not in (5, 6):
         raise ValueError(f"q must be (B, H, W, heads, d) or (B, T, H, W, heads, d), got shape {tuple(q.shape)}")
@@ -85,7 +91,7 @@ def _check(q, k, v, window_size, shift_size, rel_bias_table, rel_bias, logit_sca
         check_tensor(name, t, like=q)
         if t.shape != q.shape:
             raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
-    window, shift = normalize_window_args(q, window_size, shift_size)
+    window, shift = normalize_window_args(q, window_size, shift_size, pad_first)
     heads, d = q.shape[-2], q.shape[-1]
     N = math.prod(window)
     if rel_bias_table is not None and rel_bias is not None:
@@ -131,7 +137,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_s
                      mask_value: float = -100.0, backend: str | None = None) -> torch.Tensor:
     """Shifted-window attention over 2D or 3D tokens; see the module docstring for the exact semantics."""
     window, shift = _check(q, k, v, window_size, shift_size, rel_bias_table, rel_bias, logit_scale, scale, pad_kv,
-                  mask_value)
+                           pad_first, mask_value)
     if logit_scale is None and scale is None:
         scale = q.shape[-1] ** -0.5
     pad_k, pad_v = pad_kv if pad_kv is not None else (None, None)
