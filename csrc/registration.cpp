@@ -32,6 +32,17 @@ TORCH_LIBRARY(pyvl, m) {
         " Tensor? pad_k, Tensor? pad_v, bool pad_first, float mask_value, bool[] needs) -> (Tensor dq, Tensor dk,"
         " Tensor dv, Tensor d_rel_bias_table, Tensor d_rel_bias, Tensor d_logit_scale, Tensor d_pad_k,"
         " Tensor d_pad_v)");
+  // Similarity logits: scale * normalize(a) @ normalize(b)^T + bias per batch; a [B, N, d], b [B, M, d] (a batch
+  // stride of 0 broadcasts); scale and bias have one element. Backward in pyvl/ops/contrastive.py (two matmuls).
+  m.def("similarity_logits(Tensor a, Tensor b, Tensor scale, Tensor? bias, bool normalize) -> Tensor");
+  // Contrastive statistics of the block of logits L = scale * x @ y^T + bias without storing it (csrc/cpu/contrastive.h):
+  // kind 0 (softmax): row = logsumexp over columns [n], col = logsumexp over rows [m]; kind 1 (sigmoid): row = sum of
+  // softplus over columns [n], col empty; diag[i] = L[i, i + diag_offset]. float32 (float64 for float64 inputs).
+  m.def("contrastive_stats(Tensor x, Tensor y, Tensor logit_scale, Tensor? logit_bias, int kind, int diag_offset)"
+        " -> (Tensor row, Tensor col, Tensor diag)");
+  m.def("contrastive_stats_backward(Tensor grad_row, Tensor grad_col, Tensor grad_diag, Tensor x, Tensor y,"
+        " Tensor logit_scale, Tensor? logit_bias, Tensor row, Tensor col, int kind, int diag_offset) -> (Tensor grad_x,"
+        " Tensor grad_y, Tensor grad_logit_scale, Tensor grad_logit_bias)");
 }
 
 // `import pyvl._C` loads this library, which runs the registrations above; the module itself is empty.
