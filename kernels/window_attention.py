@@ -197,8 +197,8 @@ def _window_attention_fwd_kernel(
     qb = _load_rows(q_ptr, b, qt0, qt1, qt2, h, sqb, sqt, sqh, sqw, sqn, sqd, q_real, offs_d, d)
     tau = 1.0
     if COSINE:
-        tau, _ = _tau(ls_ptr, h, sls)
-        qn, _, _ = _normalize(qb)
+        tau, ls_open = _tau(ls_ptr, h, sls)
+        qn, q_clamped, q_norm = _normalize(qb)
         qb = qn.to(DT)  # the dot's operand in the input dtype, as F.normalize would give it
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -211,9 +211,9 @@ def _window_attention_fwd_kernel(
                        skb, skt, skh, skw, skn, skd, svb, svt, svh, svw, svn, svd, spk_h, spk_d, spv_h, spv_d,
                        offs_d, d, N, HAS_PAD)
         if COSINE:
-            kn, _, _ = _normalize(kb)
+            kn, k_clamped, k_norm = _normalize(kb)
             kb = kn.to(DT)
-        s, _ = _logits(qb, kb, tau, scale, mask_value, h, i, j, ci0, ci1, ci2, lab_i, cj0, cj1, cj2, lab_j,
+        s, raw = _logits(qb, kb, tau, scale, mask_value, h, i, j, ci0, ci1, ci2, lab_i, cj0, cj1, cj2, lab_j,
                        table_ptr, stab_r, stab_h, bias_ptr, sbias_h, sbias_i, sbias_j, DT, W0, W1, W2, BIAS, COSINE)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # a block whose keys are all masked with -inf leaves m at -inf: subtract 0 instead (exp(-inf) = 0, no NaN)
@@ -379,7 +379,7 @@ def _window_attention_bwd_kernel(
                                    skb, skt, skh, skw, skn, skd, svb, svt, svh, svw, svn, svd, spk_h, spk_d, spv_h,
                                    spv_d, offs_d, d, N, HAS_PAD)
                     if COSINE:
-                        kn, _, _ = _normalize(kb)
+                        kn, k_clamped, k_norm = _normalize(kb)
                         kb = kn.to(DT)
                     s, raw = _logits(qb, kb, tau, scale, mask_value, h, i, j, ci0, ci1, ci2, lab_i, cj0, cj1, cj2,
                                      lab_j, table_ptr, stab_r, stab_h, bias_ptr, sbias_h, sbias_i, sbias_j, DT,
@@ -446,11 +446,15 @@ def block_sizes(N: int, d: int, dtype: torch.dtype, backward: bool = False) -> t
     """
     np2 = triton.next_power_of_2
     block_d = max(16, np2(d))
+    # 8 warps where 4 spilled at d = 32 (ptxas -v via pyvl.kernels.aot): the fp32 forward (255 registers + 2 KB
+    # of spills at 4 warps), the streamed forward of windows over 64 tokens (3 KB) and every backward, which keeps
+    # four [BLOCK_M, BLOCK_N] fp32 tiles (s, p, dp, ds) and the bias gather's 64-bit pointers alive at once.
+    warps = 8 if backward or dtype == torch.float32 or N > 64 else 4
     if N <= 64:
         block = max(16, np2(N))
-        return block, block, block_d, 4
+        return block, block, block_d, warps
     wide = 32 if dtype == torch.float32 else 64
-    return 64, wide, block_d, 4
+    return 64, wide, block_d, warps
 
 
 def _strides6(t):
