@@ -8,7 +8,8 @@ models produce. Accuracy by the error criterion of DESIGN.md: with ref in float6
 2 * max|torch_same_dtype - ref| + atol.
 
 Each (window, dtype, bias kind, cosine, pad_kv, pad_first) is a separate Triton compile, so the cases share them:
-the whole file is about 25 compiles.
+the whole file is about 22 compiles
+(a forward and a backward kernel each), which dominate its time on a GPU.
 """
 from __future__ import annotations
 
@@ -122,8 +123,8 @@ def test_window_attention_cuda_swin(shape, dtype, gpu_backend):
     _check(args, window, shift, dtype, gpu_backend)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [SWIN_T[0], SWIN_T[2], VIDEO_SWIN_T[1]], ids=lambda s: s[0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [SWIN_T[0], VIDEO_SWIN_T[1]], ids=lambda s: s[0])
 @pytest.mark.parametrize("gpu_backend", GPU_BACKENDS)
 def test_window_attention_cuda_swin_v2(shape, dtype, gpu_backend):
     """Swin V2: scaled cosine attention (clamped logit_scale) with the CPB bias as a table."""
@@ -133,7 +134,7 @@ def test_window_attention_cuda_swin_v2(shape, dtype, gpu_backend):
     _check(args, window, shift, dtype, gpu_backend)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
 @pytest.mark.parametrize("gpu_backend", GPU_BACKENDS)
 def test_window_attention_cuda_padded_timm(dtype, gpu_backend):
     """Sizes the window does not divide, timm's pad-after-roll, padding tokens with the qkv bias (pad_kv), -inf
