@@ -20,7 +20,7 @@ ENV_VAR = "PYVL_BACKEND"
 OPS = ("depthwise_conv2d", "dsconv2d", "window_attention", "sequential_attention", "similarity_logits",
        "contrastive_loss")
 # Ops that have Triton kernels (in pyvl.kernels); an op family adds its names here when its kernels land.
-TRITON_OPS = ("depthwise_conv2d", "dsconv2d", "sequential_attention")
+TRITON_OPS = ("depthwise_conv2d", "dsconv2d", "sequential_attention", "window_attention")
 
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -74,6 +74,9 @@ def reason(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> s
     elif backend == "triton":
         if op not in TRITON_OPS:
             return f"pyvl has no Triton kernel for {op}"
+        if op == "window_attention" and dtype == torch.float64:
+            return ("the Triton window-attention kernels run float16, bfloat16 and float32; float64 runs on the "
+                    "reference backend")
         if device.type == "cuda":
             return None
         if device.type != "cpu" or not triton_interpreting():
