@@ -8,7 +8,9 @@ Each kernels/<family>.py lists its kernels in AOT_SPECS: dicts with
     constexprs values for its tl.constexpr parameters (the largest tiles its launcher picks, so the table shows
                the worst case for registers and shared memory)
     num_warps  as the launcher passes it (default 4)
-    pointers   optional {arg name: Triton type} for pointers whose type does not follow `dtypes`
+    pointers   optional {arg name: Triton type} for pointers whose type does not follow `dtypes` (and for scalars
+               that are not i32, e.g. "fp32")
+    label      optional row name in the table (default: the kernel's name), for several specs of one kernel
 Arguments named *_ptr are pointers of the spec's dtype, tl.constexpr parameters take `constexprs`, every other
 argument is an i32 scalar. A new family only adds its module name to FAMILIES.
 
@@ -27,7 +29,7 @@ import sys
 import tempfile
 import time
 
-FAMILIES = ("depthwise_conv2d",)
+FAMILIES = ("depthwise_conv2d", "sequential_attention", "window_attention")
 
 # Largest dynamic shared memory one block may use (opt-in), in bytes.
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -103,7 +105,7 @@ def _compile_one(job):
     family, index, dtype, arch = job
     spec = importlib.import_module(f"pyvl.kernels.{family}").AOT_SPECS[index]
     fn = spec["kernel"]
-    label = f"{fn.__name__:<32} {dtype:<5} sm_{arch:<3}"
+    label = f"{spec.get('label', fn.__name__):<32} {dtype:<5} sm_{arch:<3}"
     t0 = time.perf_counter()
     try:
         src = triton.compiler.ASTSource(fn, _signature(spec, dtype), spec.get("constexprs", {}))

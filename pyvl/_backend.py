@@ -17,9 +17,10 @@ BACKENDS = ("reference", "cpu", "triton", "cuda")
 ENV_VAR = "PYVL_BACKEND"
 
 # Every public op (pyvl.ops), as `pyvl info` lists them; an op family appends its names when it lands.
-OPS = ("depthwise_conv2d", "dsconv2d", "window_attention")
+OPS = ("depthwise_conv2d", "dsconv2d", "window_attention", "sequential_attention", "similarity_logits",
+       "contrastive_loss")
 # Ops that have Triton kernels (in pyvl.kernels); an op family adds its names here when its kernels land.
-TRITON_OPS = ("depthwise_conv2d", "dsconv2d")
+TRITON_OPS = ("depthwise_conv2d", "dsconv2d", "sequential_attention", "window_attention")
 
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -73,6 +74,9 @@ def reason(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> s
     elif backend == "triton":
         if op not in TRITON_OPS:
             return f"pyvl has no Triton kernel for {op}"
+        if op == "window_attention" and dtype == torch.float64:
+            return ("the Triton window-attention kernels run float16, bfloat16 and float32; float64 runs on the "
+                    "reference backend")
         if device.type == "cuda":
             return None
         if device.type != "cpu" or not triton_interpreting():
@@ -114,6 +118,19 @@ _CPU_ORDER = {
     "depthwise_conv2d": {"nchw": ("cpu", "reference"), "channels_last": ("reference", "cpu")},
     "dsconv2d": ("cpu", "reference"),
 }
+# sequential_attention (B1 H4 N1024 d32, dense [N, N] bias, fp32, same run, 2026-11-23): the C++ forward is 2.8x the
+# materializing reference (198 vs 548 ms), forward + backward on par (887 vs 824 ms), and its memory is O(N d)
+# where the reference holds the [B, H, N, N] scores and probabilities; so the C++ kernels go first.
+_CPU_ORDER["sequential_attention"] = ("cpu", "reference")
+# Window attention (OMP_NUM_THREADS=1 benchmarks/window_attention_cpu.py --clock process, fp32, 2026-11-23): the C++
+# kernel against the eager torchvision algorithm, forward / forward+backward: Swin-T stage 1-4 at B=2 2.9/1.5,
+# 1.7/1.2, 1.9/1.2, 2.0/1.3; Video Swin-T stage 1 at B=1 7.0/3.5. Faster everywhere, so it is the default.
+_CPU_ORDER["window_attention"] = ("cpu", "reference")
+# Contrastive family (same machine at load 10-12, fp32, 2026-11-23, pyvl bench's contrastive cases): the C++ loss
+# forward + backward ran 1.04-1.15x faster than open_clip's ClipLoss at N = 8192, d = 512 (1.4x at N = 4096) with
+# 32 MiB of peak RSS growth against its 1061 MiB; the C++ similarity logits ran 2.4x faster than eager
+# normalize + matmul on CLIP zero-shot shapes (1000 or 7 x 100 classes against 256 images, d = 512).
+_CPU_ORDER.update({"similarity_logits": ("cpu", "reference"), "contrastive_loss": ("cpu", "reference")})
 
 
 def choose(op: str, backend: str | None, x: torch.Tensor) -> str:

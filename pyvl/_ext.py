@@ -16,7 +16,13 @@ except ImportError as e:  # pragma: no cover - exercised only on a broken instal
 
 # The ops the extension declares (csrc/registration.cpp). Their kernels are looked up once, at import, so that
 # the lookup is a dict access that torch.compile traces without a graph break.
-COMPILED_OPS = ("depthwise_conv2d", "dsconv2d")
+COMPILED_OPS = ("depthwise_conv2d", "dsconv2d", "sequential_attention", "sequential_attention_backward",
+                "window_attention", "similarity_logits", "contrastive_stats", "contrastive_stats_backward")
+# The compiled ops that have CUDA sources (csrc/cuda/); a CUDA build must carry a CUDA kernel for each. The others
+# are CPU-only (their GPU backend is Triton).
+CUDA_OPS = ("depthwise_conv2d", "dsconv2d")
+# Public ops whose kernels have another name in pyvl._C.
+KERNEL_OF = {"contrastive_loss": "contrastive_stats"}
 _KERNELS = {
     (op, key): LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"pyvl::{op}", key)
     for op in COMPILED_OPS
@@ -26,4 +32,4 @@ _KERNELS = {
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether pyvl::<op> has a kernel registered for the dispatch key ("CPU" or "CUDA")."""
-    return _KERNELS.get((op, dispatch_key), False)
+    return _KERNELS.get((KERNEL_OF.get(op, op), dispatch_key), False)

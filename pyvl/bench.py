@@ -33,8 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from ._bench_window import WINDOW_OPS, window_cases
+from ._bench_contrastive import CONTRASTIVE_OPS, contrastive_cases
 
-OPS = ("depthwise_fwd", "depthwise_fwd_bwd", "dsconv2d_fwd", "mobilenet_v1") + WINDOW_OPS
+OPS = ("depthwise_fwd", "depthwise_fwd_bwd", "dsconv2d_fwd", "mobilenet_v1") + WINDOW_OPS + ("sequential_attention",) \
+    + CONTRASTIVE_OPS
 # Whole-model cases: fewer repeats, and pyvl's default backend choice (what a user of the model gets).
 MODEL_OPS = ("mobilenet_v1", "swin_model")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -90,6 +92,7 @@ class SizeSet:
     copy_mib: dict  # the copy-bandwidth probe: large enough to leave the last-level cache
     max_case_s: float = math.inf  # timed seconds per case beyond which repeats shrink (see time_interleaved)
     min_repeat_s: float = 0.02  # shortest timed repeat; scheduler noise on a shared machine is a few ms
+    attention_n: dict = field(default_factory=lambda: {"cpu": (1024, 4096), "cuda": (1024, 4096, 16384)})
 
 
 SIZES = {
@@ -101,11 +104,12 @@ SIZES = {
     # full: adds batch 1 (latency: per-call overhead such as custom_op's ~10 us shows there) and more repeats.
     "full": SizeSet(MOBILENET_V1_DW, {"cpu": (1, 8), "cuda": (1, 64)}, warmup=3, repeats=15,
                     model_batch={"cpu": 8, "cuda": 64}, model_resolution=224, model_repeats=5,
-                    copy_mib={"cpu": 256, "cuda": 2048}),
+                    copy_mib={"cpu": 256, "cuda": 2048},
+                    attention_n={"cpu": (1024, 4096, 16384), "cuda": (1024, 4096, 16384)}),
     # tiny: for tests/test_bench.py only (hidden from --help); every code path in a few seconds.
     "tiny": SizeSet((DwShape(8, 16, 1, 16), DwShape(16, 16, 2, 32, count=2)), {"cpu": (2,), "cuda": (2,)},
                     warmup=1, repeats=2, model_batch={"cpu": 1, "cuda": 1}, model_resolution=64, model_repeats=1,
-                    copy_mib={"cpu": 8, "cuda": 64}, min_repeat_s=0.0),
+                    copy_mib={"cpu": 8, "cuda": 64}, min_repeat_s=0.0, attention_n={"cpu": (64,), "cuda": (64,)}),
 }
 
 
@@ -128,6 +132,10 @@ class Case:
     count: int
     build: Callable[[torch.device, torch.dtype, str | None], Built]
     params: dict = field(default_factory=dict)
+    # ("module:function", kwargs, warmup kwargs): how a fresh process rebuilds this case (the function is called as
+    # function(device, dtype, backend, **kwargs) and returns a Built), so that its CPU peak memory can be measured
+    # there (subprocess_peak_memory). None: no CPU peak memory for this case.
+    memory_probe: tuple | None = None
 
 
 def _nbytes(*tensors) -> int:
@@ -262,6 +270,48 @@ def _mobilenet_v1(N, resolution):
     return build
 
 
+def attention_problem(device, dtype, backend, *, N: int, heads: int = 4, d: int = 32, batch: int = 1,
+                      backward: bool = False) -> Built:
+    """Sequential attention with a dense float bias [N, N] shared by the heads (Swin V2's relative position bias,
+    Graphormer's spatial bias) against F.scaled_dot_product_attention with the same bias as attn_mask; backward:
+    gradients of q, k, v (the bias a constant). Module-level, so that subprocess_peak_memory can rebuild it."""
+    import pyvl
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, N, d, generator=gen).to(device, dtype) for _ in range(3))
+    bias = torch.randn(N, N, generator=gen).to(device, dtype)
+    chosen = _chosen_backend("sequential_attention", backend, q)
+
+    def pyvl_fwd():
+        return pyvl.ops.sequential_attention(q, k, v, bias, backend=backend)
+
+    def sdpa_fwd():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    if not backward:
+        return Built(pyvl_fwd, {"torch sdpa": sdpa_fwd}, _nbytes(q, k, v, bias, q), chosen)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    grad = torch.randn(batch, heads, N, d, generator=gen).to(device, dtype)
+    # Forward reads q, k, v, bias, writes out; backward reads grad, q, k, v, out, bias, writes three gradients.
+    nbytes = _nbytes(q, k, v, bias, q) + _nbytes(grad, q, k, v, q, bias) + 3 * _nbytes(q)
+    return Built(lambda: torch.autograd.grad(pyvl_fwd(), (q, k, v), grad),
+                 {"torch sdpa": lambda: torch.autograd.grad(sdpa_fwd(), (q, k, v), grad)}, nbytes, chosen)
+
+
+def _attention_cases(sizes) -> list:
+    out = []
+    for backward in (False, True):
+        op = "sequential_attention_fwd_bwd" if backward else "sequential_attention_fwd"
+        for N in sizes:
+            kwargs = {"N": N, "backward": backward}
+            params = {"B": 1, "heads": 4, "N": N, "M": N, "d": 32, "bias": [N, N], "cpu_peak": "subprocess"}
+            out.append(Case(op, "bhnd", f"B1 H4 N{N} d32 bias[N,N]", 1, 1,
+                            lambda dev, dt, be, kw=kwargs: attention_problem(dev, dt, be, **kw), params,
+                            ("pyvl.bench:attention_problem", kwargs, {"N": 64, "backward": backward})))
+    return out
+
+
 def _kernel_backend(requested, device):
     """The backend whose kernels the op cases time: the one asked for, else the device's own kernels. (pyvl's
     default picks the PyTorch reference where a kernel is not yet the faster, which would time torch against
@@ -317,8 +367,11 @@ def cases(sizes: str = "quick", device: str | torch.device = "cpu", ops=OPS) -> 
         out.append(Case("mobilenet_v1", "nchw", f"N{N} 3x{r}x{r} eval", N, 1, _mobilenet_v1(N, r),
                         {"N": N, "resolution": r, "model": "timm mobilenetv1_100"}))
     out += window_cases(sizes, device, ops)
+    if "sequential_attention" in ops:
+        out += _attention_cases(size.attention_n[dev])
+    out += contrastive_cases(sizes, device, ops)
     # Stable order: the ops in the order asked, then the shapes in network order.
-    return sorted(out, key=lambda c: ops.index(c.op))
+    return sorted(out, key=lambda c: ops.index(c.op) if c.op in ops else ops.index("sequential_attention"))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -396,6 +449,70 @@ def peak_memory(fn, device) -> int | None:
     fn()
     _sync(device)
     return torch.cuda.max_memory_allocated(device) - base
+
+
+def _proc_status_kib(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field_name} not in /proc/self/status")
+
+
+def peak_rss_growth(fn) -> int | None:
+    """Bytes by which this process's peak resident set (VmHWM) rose above its resident set during one call of
+    fn(): every allocation, torch's or a kernel's own (std::vector scratch, OpenMP stacks), that was touched.
+    Linux only (the peak is reset through /proc/self/clear_refs); None elsewhere.
+
+    Memory the process freed earlier but kept (glibc reuses its heap) is reused without growing the resident set,
+    so run it in a fresh process (subprocess_peak_memory) for a figure that does not depend on history."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+        before = _proc_status_kib("VmRSS")
+    except OSError:
+        return None
+    fn()
+    return max(0, _proc_status_kib("VmHWM") - before) * 1024
+
+
+def _memory_probe_main(spec_json: str) -> None:
+    """The child side of subprocess_peak_memory: prints {"bytes": ...} as its last line."""
+    import importlib
+
+    spec = json.loads(spec_json)
+    module, func = spec["builder"].split(":")
+    builder = getattr(importlib.import_module(module), func)
+    device, dtype, backend = torch.device(spec["device"]), DTYPES[spec["dtype"]], spec["backend"]
+
+    def pick(built):
+        return built.pyvl if spec["name"] == "pyvl" else built.peers[spec["name"]]
+
+    if spec["warmup_kwargs"] is not None:  # one-off first-call costs (thread pools, dispatch caches) go first
+        pick(builder(device, dtype, backend, **spec["warmup_kwargs"]))()
+    fn = pick(builder(device, dtype, backend, **spec["kwargs"]))
+    print(json.dumps({"bytes": peak_rss_growth(fn)}))
+
+
+def subprocess_peak_memory(builder: str, kwargs: dict, name: str, device, dtype, backend,
+                           warmup_kwargs: dict | None = None, timeout: float = 900) -> int | None:
+    """CPU peak memory of one call: bytes by which the peak resident set grows during one call of implementation
+    `name` ("pyvl" or a peer's name) of the case that `builder` makes, in a fresh Python process.
+
+    builder is "module:function", called as function(device, dtype, backend, **kwargs) and returning a Built; its
+    inputs are made before the measurement starts, so they do not count, and with warmup_kwargs (a small problem)
+    a first call runs before it. torch keeps no CPU allocator statistics and tracemalloc does not see its
+    allocations; the resident set sees every allocation, torch's and a C++ kernel's own. None when the child
+    fails or the platform cannot tell."""
+    spec = {"builder": builder, "kwargs": kwargs, "warmup_kwargs": warmup_kwargs, "name": name,
+            "device": str(device), "dtype": str(dtype).replace("torch.", ""), "backend": backend}
+    code = "import sys; from pyvl.bench import _memory_probe_main; _memory_probe_main(sys.argv[1])"
+    try:
+        res = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
+                             timeout=timeout)
+        return json.loads(res.stdout.strip().splitlines()[-1])["bytes"] if res.returncode == 0 else None
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError, KeyError):
+        return None
 
 
 def copy_bandwidth(device, dtype, mib: int, repeats: int = 5) -> float:
@@ -484,6 +601,10 @@ def run_case(case: Case, device, dtype, backend, warmup, repeats, copy_gbps, max
         times, warmup_only = time_interleaved(fns, device, warmup, repeats, min_repeat_s=min_repeat_s,
                                               max_case_s=max_case_s)
         peaks = {n: peak_memory(f, device) for n, f in fns.items()}
+        if device.type == "cpu" and case.memory_probe is not None:
+            builder, kwargs, warmup_kwargs = case.memory_probe
+            peaks = {n: subprocess_peak_memory(builder, kwargs, n, device, dtype, backend, warmup_kwargs)
+                     for n in fns}
     except Exception as e:  # noqa: BLE001
         return [dict(base, peer=p, status="error", reason=f"{type(e).__name__}: {e}") for p in built.peers]
     finally:
@@ -569,6 +690,9 @@ def format_table(rows, means, copy_gbps) -> str:
         text.append(f"timed from the warmup call only (one call far over the per-case budget): {', '.join(slow)}")
     if rows and all(r.get("pyvl", {}).get("peak_mib") is None for r in rows if r["status"] == "ok"):
         text.append("peak memory: n/a on the CPU (torch keeps no CPU allocator statistics)")
+    elif any(r.get("params", {}).get("cpu_peak") for r in rows if r["status"] == "ok"):
+        text.append("CPU peak memory: growth of the peak resident set during one call, each in a fresh process "
+                    "(subprocess_peak_memory); n/a for the other ops")
     text.append("")
     text.append("geometric mean of ratios per group (distinct shapes / weighted by MobileNetV1 layer count):")
     kw = max((len(k) for k in means), default=0)

@@ -74,7 +74,7 @@ def info(argv=None) -> int:
         for backend in _backend.BACKENDS:
             if backend == "reference":
                 status = "PyTorch eager; the ground truth"
-            elif backend in ("cpu", "cuda") and op not in _ext.COMPILED_OPS:
+            elif backend in ("cpu", "cuda") and _ext.KERNEL_OF.get(op, op) not in _ext.COMPILED_OPS:
                 print(f"  {op:<18} {backend:<10} no {'C++' if backend == 'cpu' else 'CUDA'} kernel")
                 continue
             elif backend == "cpu":

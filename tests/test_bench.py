@@ -43,6 +43,9 @@ def test_rows_cover_every_case(result):
                 assert (op, layout, f"torch {layout}", shape) in got
         for peer in ("torch channels_last", "torch nchw"):
             assert ("dsconv2d_fwd", "channels_last", peer, shape) in got
+    for op in ("sequential_attention_fwd", "sequential_attention_fwd_bwd"):
+        for N in bench.SIZES["tiny"].attention_n["cpu"]:
+            assert (op, "bhnd", "torch sdpa", f"B1 H4 N{N} d32 bias[N,N]") in got
     # Window attention: every op and tiny shape has a row, timed where a pyvl kernel runs on the CPU, else skipped
     # with the reason.
     for op in bench.WINDOW_OPS:
@@ -67,7 +70,12 @@ def test_ratios_positive_finite(result):
         assert len(r["pyvl"]["times_ms"]) == data["args"]["repeats"] or r["op"] in bench.MODEL_OPS
         if r["bytes"] is not None:
             assert _finite_positive(r["pyvl"]["gbps"]) and _finite_positive(r["pyvl"]["frac_copy"])
-        assert r["pyvl"]["peak_mib"] is None  # no CPU allocator statistics, reported as n/a
+        if r["op"].startswith("sequential_attention"):
+            # CPU peak memory from the peak resident set of a fresh process (subprocess_peak_memory)
+            assert r["pyvl"]["peak_mib"] is not None and r["pyvl"]["peak_mib"] >= 0
+            assert r["peer_stats"]["peak_mib"] is not None and r["peer_stats"]["peak_mib"] >= 0
+        else:
+            assert r["pyvl"]["peak_mib"] is None  # no CPU allocator statistics, reported as n/a
     for key, m in data["geomeans"].items():
         assert _finite_positive(m["geomean"]) and _finite_positive(m["geomean_network_weighted"]), key
 
@@ -82,3 +90,18 @@ def test_cases_shared_with_benchmarks():
     quick = bench.cases("quick", "cpu", ("depthwise_fwd",))
     assert len(quick) == 2 * len(bench.MOBILENET_V1_DW) == 18
     assert sum(s.count for s in bench.MOBILENET_V1_DW) == 13  # MobileNetV1's 13 depthwise layers
+
+
+def test_peak_rss_growth_sees_an_allocation():
+    # 64 MiB touched inside the call, in a fresh process (in this one, memory freed by earlier tests may be reused
+    # without growing the resident set): the peak resident set grows by at least most of it.
+    import subprocess
+    import sys
+
+    code = "import torch; from pyvl import bench; print(bench.peak_rss_growth(lambda: torch.ones(16 * 2**20).sum()))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    growth = res.stdout.strip().splitlines()[-1]
+    if growth == "None":
+        pytest.skip("no /proc/self/clear_refs on this platform")
+    assert int(growth) > 48 * 2**20

@@ -6,8 +6,10 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_tensor(name: str, t, *, dim: int | None = None, like: torch.Tensor | None = None) -> None:
-    """`t` is a floating-point tensor (of `dim` dims), on the device and of the dtype of `like` if given."""
+def check_tensor(name: str, t, *, dim: int | None = None, like: torch.Tensor | None = None,
+                 like_name: str = "x") -> None:
+    """`t` is a floating-point tensor (of `dim` dims), on the device and of the dtype of `like` (named
+    `like_name` in the message) if given."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
@@ -16,9 +18,9 @@ def check_tensor(name: str, t, *, dim: int | None = None, like: torch.Tensor | N
         raise ValueError(f"{name} must have {dim} dimensions, got shape {tuple(t.shape)}")
     if like is not None:
         if t.device != like.device:
-            raise ValueError(f"{name} must be on {like.device} like x, got {t.device}")
+            raise ValueError(f"{name} must be on {like.device} like {like_name}, got {t.device}")
         if t.dtype != like.dtype:
-            raise TypeError(f"{name} must have dtype {like.dtype} like x, got {t.dtype}")
+            raise TypeError(f"{name} must have dtype {like.dtype} like {like_name}, got {t.dtype}")
 
 
 def pair(name: str, value, *, minimum: int) -> tuple[int, int]:

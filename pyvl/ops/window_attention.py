@@ -39,7 +39,7 @@ import math
 
 import torch
 
-from .. import _backend
+from .. import _backend, _ext  # noqa: F401  (_ext registers the C++ schemas)
 from ..reference import window_attention as ref
 from ._checks import check_tensor
 
@@ -208,3 +208,43 @@ def register_kernel_family(backend: str, forward_op: str, backward_op: str) -> N
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
     _IMPLEMENTATIONS[backend] = lambda *args: fwd(*args)[0]
+
+
+if _ext.LOAD_ERROR is None:
+    register_kernel_family("cpu", "pyvl::window_attention", "pyvl::window_attention_backward")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton ops: custom ops over the launchers in pyvl.kernels.window_attention (custom_op rather than triton_op: the
+# latter fails under torch.compile and opcheck in the interpreter, see STYLE.md).
+
+
+def _triton():
+    from ..kernels import window_attention as kernels
+
+    return kernels
+
+
+@torch.library.custom_op("pyvl::window_attention_triton", mutates_args=())
+def _window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: list[int], shift: list[int],
+                             rel_bias_table: torch.Tensor | None, rel_bias: torch.Tensor | None,
+                             logit_scale: torch.Tensor | None, scale: float | None, pad_k: torch.Tensor | None,
+                             pad_v: torch.Tensor | None, pad_first: bool,
+                             mask_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _triton().window_attention_forward(q, k, v, window, shift, rel_bias_table, rel_bias, logit_scale, scale,
+                                              pad_k, pad_v, pad_first, mask_value)
+
+
+@torch.library.custom_op("pyvl::window_attention_backward_triton", mutates_args=())
+def _window_attention_backward_triton(
+        grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+        lse: torch.Tensor, window: list[int], shift: list[int], rel_bias_table: torch.Tensor | None,
+        rel_bias: torch.Tensor | None, logit_scale: torch.Tensor | None, scale: float | None,
+        pad_k: torch.Tensor | None, pad_v: torch.Tensor | None, pad_first: bool, mask_value: float,
+        needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                    torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _triton().window_attention_backward(grad_out, q, k, v, out, lse, window, shift, rel_bias_table, rel_bias,
+                                               logit_scale, scale, pad_k, pad_v, pad_first, mask_value, needs)
+
+
+register_kernel_family("triton", "pyvl::window_attention_triton", "pyvl::window_attention_backward_triton")
