@@ -10,7 +10,13 @@ Two kinds of case:
       algorithm of torchvision's shifted_window_attention without its two linears; pyvl.reference is that code and
       tests/test_reference_window_attention.py holds it equal to torchvision's function) and against
       "sdpa dense" (the same partition and reverse around F.scaled_dot_product_attention with a dense
-      [nW, heads, N, N] bias + mask tensor, what timm runs with TIMM_FUSED_ATTN).
+      [nW, heads, N, N] bias + mask tensor, what timm runs with TIMM_FUSED_ATTN) and against "flex compiled"
+      (the same partition and reverse around torch.compile(flex_attention) on [B * nW, heads, N, d], N = 49 or 392
+      unpadded, with a score_mod that gathers the bias table and applies the -100 shift mask by index arithmetic;
+      the table's gradient flows through the score_mod). Flex is compiled and run once while the case is built, so
+      compile time is not timed; where it cannot run (no Flex backward on the CPU in torch 2.14, a failed Inductor
+      compile) that peer alone is reported skipped with the reason. The `tiny` size set (CI's, through
+      tests/test_bench.py) leaves the flex peer out: CI must not pay for Inductor compiles.
   swin_block_fwd / swin_block_fwd_bwd     torchvision's own ShiftedWindowAttention(3d) module (linears included)
       against the same module after pyvl.patch; skipped until pyvl.patch exists.
   swin_model                              whole torchvision swin_t and swin3d_t (random weights), eval forward and
@@ -74,8 +80,9 @@ def _tensors(s: WindowShape, device, dtype, grad: bool):
     return qkv, q, k, v, table
 
 
-def _sdpa_dense(q, k, v, table, window, shift):
-    """timm's fused path: partition (roll + pad as torchvision), then SDPA with a dense bias + mask tensor."""
+def _windows(q, k, v, window, shift):
+    """Partition q, k, v (B, *S, heads, d) as torchvision does (pad, roll, windows): three [B * nW, heads, N, d]
+    tensors, and `back(out)` that puts such an output back in token layout (reverse, unroll, crop)."""
     from pyvl.reference import window_attention as ref
 
     nd = len(window)
@@ -85,21 +92,89 @@ def _sdpa_dense(q, k, v, table, window, shift):
     heads = q.shape[-2]
     grids = [ref._partition(ref._to_grid(t, None, window, shift, True), window) for t in (q, k, v)]
     B, nW = grids[0].shape[:2]
+
+    def back(out):
+        return ref._from_grid(ref._reverse(out.reshape(B, nW, heads, N, -1), padded, window), sizes, window, shift,
+                              True)
+
+    return [g.reshape(B * nW, heads, N, -1) for g in grids], padded, nW, back
+
+
+def _sdpa_dense(q, k, v, table, window, shift):
+    """timm's fused path: partition (roll + pad as torchvision), then SDPA with a dense bias + mask tensor."""
+    from pyvl.reference import window_attention as ref
+
+    (qw, kw, vw), padded, nW, back = _windows(q, k, v, window, shift)
+    N, heads = math.prod(window), q.shape[-2]
     bias = table[ref.relative_position_index(window, q.device).reshape(-1)].reshape(N, N, heads).permute(2, 0, 1)
     mask = ref.shift_mask(padded, window, shift, q.device)
     full = bias[None].expand(nW, heads, N, N)
     if mask is not None:
         full = full + torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(mask, -100.0)[:, None]
-    out = F.scaled_dot_product_attention(*(g.reshape(B * nW, heads, N, -1) for g in grids),
-                                         attn_mask=full.repeat(B, 1, 1, 1))
-    out = ref._reverse(out.reshape(B, nW, heads, N, -1), padded, window)
-    return ref._from_grid(out, sizes, window, shift, True)
+    out = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=full.repeat(qw.shape[0] // nW, 1, 1, 1))
+    return back(out)
 
 
-def _core(s: WindowShape, backward: bool):
+def _flex_score_mod(table, window, shift, padded, nW):
+    """FlexAttention score_mod for windows laid out as _windows makes them (batch index b = image * nW + window):
+    adds table[relative_position_index[i, j], h] and -100 where query i and key j lie in different shift regions
+    (pyvl.reference.window_attention.region_labels), both by index arithmetic on b, i, j, nothing materialized.
+    The table is captured, so its gradient flows through the score_mod (Flex accumulates it with atomics)."""
+    nd = len(window)
+    counts = [p // w for p, w in zip(padded, window)]
+    table_stride = [math.prod(2 * w - 1 for w in window[i + 1:]) for i in range(nd)]
+    token_stride = [math.prod(window[i + 1:]) for i in range(nd)]
+    window_stride = [math.prod(counts[i + 1:]) for i in range(nd)]
+
+    def score_mod(score, b, h, i, j):
+        index, differ = 0, None
+        w_id = b % nW
+        for dim in range(nd):
+            ci = (i // token_stride[dim]) % window[dim]
+            cj = (j // token_stride[dim]) % window[dim]
+            index = index + (ci - cj + window[dim] - 1) * table_stride[dim]
+            if shift[dim]:  # region label of a grid position p: (p >= padded - window) + (p >= padded - shift)
+                start = (w_id // window_stride[dim]) % counts[dim] * window[dim]
+                lo, hi = padded[dim] - window[dim], padded[dim] - shift[dim]
+                li = (start + ci >= lo).to(torch.int32) + (start + ci >= hi).to(torch.int32)
+                lj = (start + cj >= lo).to(torch.int32) + (start + cj >= hi).to(torch.int32)
+                differ = (li != lj) if differ is None else differ | (li != lj)
+        out = score + table[index, h].to(score.dtype)
+        return out if differ is None else torch.where(differ, out - 100.0, out)
+
+    return score_mod
+
+
+def _flex_peer(q, k, v, table, window, shift, wrap):
+    """The "flex compiled" callable, wrap(forward): torch.compile(flex_attention) built once and run once here
+    (compile time is not timed). Raises pyvl.bench.Skip where this torch or device cannot run it."""
+    from pyvl.bench import Skip
+
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except ImportError as e:
+        raise Skip(f"FlexAttention is not in torch {torch.__version__}: {e}") from None
+    # dynamic=False: one graph per case; torch 2.14's dynamic-shape CPU kernel indexed the table out of bounds.
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def fn():
+        (qw, kw, vw), padded, nW, back = _windows(q, k, v, window, shift)
+        return back(compiled(qw, kw, vw, score_mod=_flex_score_mod(table, window, shift, padded, nW)))
+
+    fn = wrap(fn)
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001  (e.g. no Flex backward on the CPU, an Inductor compile failure)
+        raise Skip(f"flex compiled: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    return fn
+
+
+def _core(s: WindowShape, backward: bool, flex: bool):
+    """flex: add the "flex compiled" peer (False for the tiny size set: CI must not pay for Inductor compiles)."""
+
     def build(device, dtype, backend):
         import pyvl
-        from pyvl.bench import Built, _chosen_backend, _nbytes
+        from pyvl.bench import Built, Skip, _chosen_backend, _nbytes
         from pyvl.ops.window_attention import normalize_window_args
 
         qkv, q, k, v, table = _tensors(s, device, dtype, backward)
@@ -117,16 +192,23 @@ def _core(s: WindowShape, backward: bool):
 
         fns = {"pyvl": pyvl_fn, "torchvision eager": eager_fn, "sdpa dense": sdpa_fn}
         nbytes = _nbytes(qkv, table) + _nbytes(q)  # q, k, v and the table read once, the output written once
+        wrap = lambda fn: fn  # noqa: E731
         if backward:
             grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
 
-            def with_grad(fn):
+            def wrap(fn):
                 return lambda: torch.autograd.grad(fn(), (qkv, table), grad)
 
-            fns = {name: with_grad(fn) for name, fn in fns.items()}
+            fns = {name: wrap(fn) for name, fn in fns.items()}
             nbytes = 2 * nbytes + 2 * _nbytes(q)  # backward reads q, k, v, out, grad; writes dq, dk, dv, dtable
+        skipped = {}
+        if flex:
+            try:
+                fns["flex compiled"] = _flex_peer(q, k, v, table, window, shift, wrap)
+            except Skip as e:
+                skipped["flex compiled"] = str(e)
         pyvl_run = fns.pop("pyvl")
-        return Built(pyvl_run, fns, nbytes, chosen)
+        return Built(pyvl_run, fns, nbytes, chosen, skipped)
 
     return build
 
@@ -236,10 +318,11 @@ def window_cases(sizes: str, device, ops):
         layout = f"{len(s.sizes)}d"
         params = {"B": s.B, "sizes": list(s.sizes), "heads": s.heads, "d": s.d, "window": list(s.window),
                   "shift": list(s.shift)}
-        for op, builder, backward in (("window_attn_fwd", _core, False), ("window_attn_fwd_bwd", _core, True),
-                                      ("swin_block_fwd", _block, False), ("swin_block_fwd_bwd", _block, True)):
+        flex = sizes != "tiny"  # tiny is CI's set (tests/test_bench.py): no Inductor compiles there
+        for op, build in (("window_attn_fwd", _core(s, False, flex)), ("window_attn_fwd_bwd", _core(s, True, flex)),
+                          ("swin_block_fwd", _block(s, False)), ("swin_block_fwd_bwd", _block(s, True))):
             if op in ops:
-                out.append(Case(op, layout, s.label(), s.B, 1, builder(s, backward), params))
+                out.append(Case(op, layout, s.label(), s.B, 1, build, params))
     if "swin_model" in ops:
         for name, (_, shapes) in MODELS.items():
             shape = shapes[sizes][dev]

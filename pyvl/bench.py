@@ -121,6 +121,7 @@ class Built:
     peers: dict  # peer name -> callable
     nbytes: int | None  # bytes a perfect kernel moves once (inputs + weights + outputs); None: not meaningful
     backend: str | None = None  # the pyvl backend that runs, as pyvl chose it
+    skipped: dict = field(default_factory=dict)  # peer name -> why that peer cannot run here (the others still do)
 
 
 @dataclass
@@ -596,6 +597,7 @@ def run_case(case: Case, device, dtype, backend, warmup, repeats, copy_gbps, max
         return [dict(base, peer=None, status="skipped", reason=str(e))]
     except Exception as e:  # noqa: BLE001  (one broken case must not lose the others' results)
         return [dict(base, peer=None, status="error", reason=f"{type(e).__name__}: {e}")]
+    skipped = [dict(base, peer=p, status="skipped", reason=r) for p, r in built.skipped.items()]
     fns = {"pyvl": built.pyvl, **built.peers}
     try:
         times, warmup_only = time_interleaved(fns, device, warmup, repeats, min_repeat_s=min_repeat_s,
@@ -606,7 +608,7 @@ def run_case(case: Case, device, dtype, backend, warmup, repeats, copy_gbps, max
             peaks = {n: subprocess_peak_memory(builder, kwargs, n, device, dtype, backend, warmup_kwargs)
                      for n in fns}
     except Exception as e:  # noqa: BLE001
-        return [dict(base, peer=p, status="error", reason=f"{type(e).__name__}: {e}") for p in built.peers]
+        return [dict(base, peer=p, status="error", reason=f"{type(e).__name__}: {e}") for p in built.peers] + skipped
     finally:
         del fns
 
@@ -624,7 +626,7 @@ def run_case(case: Case, device, dtype, backend, warmup, repeats, copy_gbps, max
         rows.append(dict(base, peer=peer, status="ok", backend=built.backend, bytes=built.nbytes,
                          warmup_only=warmup_only,
                          pyvl=ours, peer_stats=theirs, ratio=theirs["ms"] / ours["ms"]))
-    return rows
+    return rows + skipped
 
 
 def group_key(row) -> str:

@@ -105,3 +105,20 @@ def test_peak_rss_growth_sees_an_allocation():
     if growth == "None":
         pytest.skip("no /proc/self/clear_refs on this platform")
     assert int(growth) > 48 * 2**20
+
+
+@pytest.mark.parametrize("sizes,window,shift", [((9, 10), (4, 4), (2, 2)), ((3, 6, 5), (2, 3, 3), (1, 1, 1))])
+def test_flex_score_mod_matches_reference(sizes, window, shift):
+    # The flex peer's windows and score_mod, run by eager (uncompiled) flex_attention: no Inductor compile in CI.
+    torch = pytest.importorskip("torch")
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    from pyvl._bench_window import _flex_score_mod, _windows
+    from pyvl.reference import window_attention as ref
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, *sizes, 2, 8, generator=g) for _ in range(3))
+    table = torch.randn(math.prod(2 * w - 1 for w in window), 2, generator=g)
+    (qw, kw, vw), padded, nW, back = _windows(q, k, v, window, shift)
+    got = back(flex.flex_attention(qw, kw, vw, score_mod=_flex_score_mod(table, window, shift, padded, nW)))
+    expected = ref.window_attention(q, k, v, window, shift, rel_bias_table=table, scale=8 ** -0.5)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
