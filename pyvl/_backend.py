@@ -93,18 +93,21 @@ def layout_of(x: torch.Tensor) -> str:
     return "nchw"
 
 
-def default_order(op: str, device: torch.device, layout: str = "nchw") -> tuple[str, ...]:
+def default_order(op: str, device: torch.device, layout: str = "nchw", training: bool = False) -> tuple[str, ...]:
     """Backends to try, fastest first, from measurements (benchmarks/ and benchmarks/results/).
 
     On a GPU only kernels verified there are candidates, ordered by their measured speed; `reference` (cuDNN)
     follows. On the CPU the order per op is _CPU_ORDER, from `pyvl bench`; an entry may be a dict by input
-    layout ("nchw" / "channels_last") where the measurements differ between layouts.
+    layout ("nchw" / "channels_last"), with "<layout>_train" entries where forward + backward measured otherwise
+    than the forward alone (training: a gradient will be taken).
     """
     if device.type == "cuda":
         return tuple(_verified.fastest_verified(op, ("cuda", "triton"))) + ("reference",)
     if device.type == "cpu":
         order = _CPU_ORDER.get(op, ("cpu", "reference"))
-        return order[layout] if isinstance(order, dict) else order
+        if not isinstance(order, dict):
+            return order
+        return order.get(f"{layout}_train", order[layout]) if training else order[layout]
     return ("reference",)
 
 
@@ -114,8 +117,11 @@ def default_order(op: str, device: torch.device, layout: str = "nchw") -> tuple[
 # machine was shared at load 10-13, where 2-thread wall times are scheduler noise): NCHW 1.36-1.44x (vectorized
 # small planes; 0.96-1.9x per shape), channels_last 0.84-0.95x (register-blocked strips win the 7x7..28x28 layers,
 # lose 0.6-0.9x on the 56x56 and 112x112 ones), so NCHW defaults to the kernel and channels_last to the reference.
+# Forward + backward (`pyvl bench --ops depthwise_fwd_bwd`, quiet machine, 2 threads, 2026-11-23): NCHW 0.76x, so
+# training stays on the reference.
 _CPU_ORDER = {
-    "depthwise_conv2d": {"nchw": ("cpu", "reference"), "channels_last": ("reference", "cpu")},
+    "depthwise_conv2d": {"nchw": ("cpu", "reference"), "nchw_train": ("reference", "cpu"),
+                         "channels_last": ("reference", "cpu")},
     "dsconv2d": ("cpu", "reference"),
 }
 # sequential_attention (B1 H4 N1024 d32, dense [N, N] bias, fp32, same run, 2026-11-23): the C++ forward is 2.8x the
@@ -133,8 +139,9 @@ _CPU_ORDER["window_attention"] = ("cpu", "reference")
 _CPU_ORDER.update({"similarity_logits": ("cpu", "reference"), "contrastive_loss": ("cpu", "reference")})
 
 
-def choose(op: str, backend: str | None, x: torch.Tensor) -> str:
-    """The backend that runs `op` on tensors like `x`; raises RuntimeError if a named backend cannot."""
+def choose(op: str, backend: str | None, x: torch.Tensor, training: bool = False) -> str:
+    """The backend that runs `op` on tensors like `x`; raises RuntimeError if a named backend cannot. training: a
+    gradient will be taken (the default may then differ, see default_order)."""
     requested = backend if backend is not None else os.environ.get(ENV_VAR) or None
     if requested is not None:
         if requested not in BACKENDS:
@@ -144,7 +151,7 @@ def choose(op: str, backend: str | None, x: torch.Tensor) -> str:
         if why is not None:
             raise RuntimeError(f"pyvl.ops.{op}: backend {requested!r} cannot run this input: {why}")
         return requested
-    for name in default_order(op, x.device, layout_of(x)):
+    for name in default_order(op, x.device, layout_of(x), training):
         if reason(name, op, x.device, x.dtype) is None:
             return name
     return "reference"

@@ -276,7 +276,9 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """
     stride, padding, dilation = _check_geometry(x, weight, stride, padding, dilation, "depthwise_conv2d")
     _check_bias("bias", bias, x.shape[1], x)
-    chosen = _backend.choose("depthwise_conv2d", backend, x)
+    training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                            or (bias is not None and bias.requires_grad))
+    chosen = _backend.choose("depthwise_conv2d", backend, x, training)
     if chosen == "reference":
         return ref.depthwise_conv2d(x, weight, bias, stride, padding, dilation)
     x = as_kernel_layout(x)
