@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cpu/gemm_microkernel.h"
+#include "cpu/simd.h"
 
 namespace pyvl {
 namespace cpu {
@@ -29,7 +30,7 @@ static_assert(kBQ % kGemmMR == 0 && kBK % kGemmMR == 0 && kBK % kGemmNR == 0 && 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // ---------------------------------------------------------------------------------------------------------------
-// exp over a row. float: Cephes' expf (Cody-Waite reduction, degree-5 polynomial, about 1 ulp) on 8 lanes; glibc
+// exp over a row. float: simd::exp8 (Cephes' expf, Cody-Waite reduction, about 1 ulp) on 8 lanes; glibc
 // only vectorizes exp under -ffast-math, which would also break the NaN policy. exp(-inf) = 0 and NaN stays NaN.
 
 template <typename T>
@@ -38,30 +39,11 @@ inline void exp_row(T* x, int64_t n) {
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-inline __m256 exp8(__m256 x) {
-  const __m256 nan_mask = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
-  __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)),
-                            _mm256_set1_ps(88.3762626647949f));
-  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  xc = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), xc);
-  xc = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), xc);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, xc, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, xc, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, xc, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, xc, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, xc, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(xc, xc), _mm256_add_ps(xc, _mm256_set1_ps(1.0f)));
-  // 2^fx through the exponent bits; at the clamp's low end fx = -127 gives the bit pattern of 0, so exp(-inf) = 0
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-  return _mm256_blendv_ps(y, x, nan_mask);
-}
 
 template <>
 inline void exp_row<float>(float* x, int64_t n) {
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(x + j, exp8(_mm256_loadu_ps(x + j)));
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(x + j, simd::exp8(_mm256_loadu_ps(x + j)));
   for (; j < n; ++j) x[j] = std::exp(x[j]);
 }
 #endif

@@ -15,6 +15,7 @@
 // with an AVX2 exp, its padding columns set to -inf. Measured choices: the window's rows are gathered without
 // software prefetch (it made no measurable difference on the 2-core EPYC development machine).
 #include "cpu/window_attention.h"
+#include "cpu/simd.h"
 
 #include <algorithm>
 #include <cmath>
@@ -88,28 +89,6 @@ void scale_row(const T* src, int64_t n, T f, T* dst) {
 }
 
 #ifdef PYVL_WA_AVX2
-// exp(x) = 2^k exp(r), k = round(x / ln 2), r = x - k ln 2 (ln 2 split in two for exactness), exp(r) by a degree-6
-// polynomial. Results below the smallest normal float are flushed to 0 (so -inf and the -100 mask give exactly 0);
-// NaN propagates (MINPS/MAXPS return their second operand when either is NaN).
-inline __m256 exp256(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.3365447504f);
-  __m256 xc = _mm256_min_ps(_mm256_set1_ps(88.3762626647f), x);
-  xc = _mm256_max_ps(lo, xc);
-  const __m256 k = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504089f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), xc);
-  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-  const __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-  return _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
-}
 
 inline float hsum(__m256 v) {
   alignas(32) float l[8];
@@ -128,8 +107,8 @@ void exp_rows<float>(float* x, int64_t ld, int M, int64_t n, const float* shift,
     const __m256 s0 = _mm256_set1_ps(shift[m]), s1 = _mm256_set1_ps(shift[m + 1]);
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     for (int64_t j = 0; j < n; j += kVec) {
-      const __m256 y0 = exp256(_mm256_sub_ps(_mm256_loadu_ps(r0 + j), s0));
-      const __m256 y1 = exp256(_mm256_sub_ps(_mm256_loadu_ps(r1 + j), s1));
+      const __m256 y0 = simd::exp8(_mm256_sub_ps(_mm256_loadu_ps(r0 + j), s0));
+      const __m256 y1 = simd::exp8(_mm256_sub_ps(_mm256_loadu_ps(r1 + j), s1));
       _mm256_storeu_ps(r0 + j, y0);
       _mm256_storeu_ps(r1 + j, y1);
       a0 = _mm256_add_ps(a0, y0);
@@ -145,7 +124,7 @@ void exp_rows<float>(float* x, int64_t ld, int M, int64_t n, const float* shift,
     const __m256 s0 = _mm256_set1_ps(shift[m]);
     __m256 a0 = _mm256_setzero_ps();
     for (int64_t j = 0; j < n; j += kVec) {
-      const __m256 y0 = exp256(_mm256_sub_ps(_mm256_loadu_ps(r0 + j), s0));
+      const __m256 y0 = simd::exp8(_mm256_sub_ps(_mm256_loadu_ps(r0 + j), s0));
       _mm256_storeu_ps(r0 + j, y0);
       a0 = _mm256_add_ps(a0, y0);
     }
