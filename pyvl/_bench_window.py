@@ -155,6 +155,12 @@ def _flex_peer(q, k, v, table, window, shift, wrap):
     except ImportError as e:
         raise Skip(f"FlexAttention is not in torch {torch.__version__}: {e}") from None
     # dynamic=False: one graph per case; torch 2.14's dynamic-shape CPU kernel indexed the table out of bounds.
+    # Every case is a new graph of the one flex_attention function: past dynamo's recompile limit (8 by default)
+    # it would silently run eagerly and be timed as "compiled". This process only benchmarks, so raise the limit.
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if isinstance(getattr(cfg, name, None), int):
+            setattr(cfg, name, max(getattr(cfg, name), 512))
     compiled = torch.compile(flex_attention, dynamic=False)
 
     def fn():
