@@ -7,24 +7,14 @@
 #include <vector>
 
 #include "cpu/contrastive.h"
+#include "tests/check.h"
 #include "cpu/similarity.h"
 
 using pyvl::cpu::ContrastiveKind;
 
 namespace {
 
-template <typename T>
-bool close(const char* what, const T* got, const std::vector<double>& want, double tol) {
-  double scale = 1.0;
-  for (double w : want) scale = std::max(scale, std::fabs(w));
-  for (size_t i = 0; i < want.size(); ++i) {
-    if (!(std::fabs(double(got[i]) - want[i]) <= tol * scale)) {
-      std::printf("FAIL %s[%zu]: got %.9g, want %.9g\n", what, i, double(got[i]), want[i]);
-      return false;
-    }
-  }
-  return true;
-}
+using pyvl_test::close;
 
 std::vector<double> randn(size_t n, std::mt19937& rng) {
   std::normal_distribution<double> dist;

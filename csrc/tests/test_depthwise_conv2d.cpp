@@ -7,11 +7,14 @@
 #include <vector>
 
 #include "cpu/depthwise_conv2d.h"
+#include "tests/check.h"
 
 using pyvl::Conv2dShape;
 using pyvl::Layout;
 
 namespace {
+
+using pyvl_test::close;
 
 int64_t at(Layout l, int64_t n, int64_t c, int64_t h, int64_t w, int64_t C, int64_t H, int64_t W) {
   return l == Layout::NCHW ? ((n * C + c) * H + h) * W + w : ((n * H + h) * W + w) * C + c;
@@ -53,20 +56,6 @@ void reference(const Conv2dShape& s, Layout l, const std::vector<double>& x, con
             }
           out[o] = acc;
         }
-}
-
-template <typename T>
-bool close(const char* what, const std::vector<T>& got, const std::vector<double>& want, double tol) {
-  double scale = 1.0;
-  for (double v : want) scale = std::max(scale, std::fabs(v));
-  for (size_t i = 0; i < want.size(); ++i) {
-    const double err = std::fabs(double(got[i]) - want[i]);
-    if (!(err <= tol * scale)) {
-      std::printf("  %s mismatch at %zu: got %.9g want %.9g\n", what, i, double(got[i]), want[i]);
-      return false;
-    }
-  }
-  return true;
 }
 
 template <typename T>

@@ -8,11 +8,14 @@
 #include <vector>
 
 #include "cpu/sequential_attention.h"
+#include "tests/check.h"
 
 using pyvl::AttentionShape;
 using pyvl::BiasView;
 
 namespace {
+
+using pyvl_test::close;
 
 struct Case {
   int64_t B, H, N, M, D, DV;
@@ -79,19 +82,6 @@ Result reference(const Case& c, double scale, const std::vector<double>& q, cons
       }
     }
   return r;
-}
-
-template <typename T>
-bool close(const char* what, const std::vector<T>& got, const std::vector<double>& want, double tol) {
-  double scale = 1.0;
-  for (double x : want) scale = std::max(scale, std::fabs(x));
-  for (size_t i = 0; i < want.size(); ++i) {
-    if (!(std::fabs(double(got[i]) - want[i]) <= tol * scale)) {
-      std::printf("  %s mismatch at %zu: got %.9g want %.9g\n", what, i, double(got[i]), want[i]);
-      return false;
-    }
-  }
-  return true;
 }
 
 template <typename T>

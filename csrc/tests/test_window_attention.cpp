@@ -9,11 +9,14 @@
 #include <vector>
 
 #include "cpu/window_attention.h"
+#include "tests/check.h"
 
 using pyvl::TokenStrides;
 using pyvl::WindowAttentionShape;
 
 namespace {
+
+using pyvl_test::close;
 
 struct Case {
   int64_t B, T, H, W, heads, d;
@@ -150,19 +153,6 @@ Naive naive(const Case& c, const std::vector<double>& qkv, const std::vector<dou
             }
           }
   return r;
-}
-
-template <typename T>
-bool close(const char* what, const std::vector<T>& got, const std::vector<double>& want, double tol) {
-  double scale = 1.0;
-  for (double v : want) scale = std::max(scale, std::fabs(v));
-  for (size_t i = 0; i < want.size(); ++i) {
-    if (!(std::fabs(double(got[i]) - want[i]) <= tol * scale)) {
-      std::printf("  %s mismatch at %zu: got %.9g want %.9g\n", what, i, double(got[i]), want[i]);
-      return false;
-    }
-  }
-  return true;
 }
 
 template <typename T>
