@@ -249,3 +249,248 @@ def test_generator_gradcheck_float64():
     own = dict(g.named_parameters())
     inputs = tuple(own[n].detach().clone().requires_grad_(True) for n in names)
     assert torch.autograd.gradcheck(lambda *ps: torch.func.functional_call(g, dict(zip(names, ps)), (z,)), inputs)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# StyleCLIP: the CLIP loss and latent optimization
+
+
+def test_clip_image_input_follows_the_official_resize():
+    image = torch.randn(2, 3, 64, 64)
+    # 1024 -> 224 in the code is nearest x7 then average pool /32; here 64 -> 224: x7 then /2.
+    expected = F.avg_pool2d(F.interpolate(image, scale_factor=7, mode="nearest"), 2)
+    torch.testing.assert_close(sc.clip_image_input(image, 224), expected, rtol=0, atol=0)
+    assert sc.clip_image_input(image, 32).shape == (2, 3, 32, 32)
+    assert sc.clip_image_input(torch.randn(1, 3, 32, 32), 48).shape == (1, 3, 48, 48)
+    normed = sc.clip_image_input(torch.zeros(1, 3, 32, 32), 32, clip_normalize=True)
+    torch.testing.assert_close(normed[0, :, 0, 0], (0.5 - torch.tensor(sc.CLIP_MEAN)) / torch.tensor(sc.CLIP_STD))
+
+
+def test_clip_loss_is_one_minus_cosine():
+    clip, g = tiny_clip(), tiny_generator()
+    image = g.synthesis(g.mapping(torch.randn(3, STYLE_DIM)))
+    text = clip.encode_text(toy_tokenize(["a smiling face"]))[0]
+    expected = 1 - F.cosine_similarity(clip.encode_image(image), text[None], dim=-1)
+    torch.testing.assert_close(sc.clip_loss(clip, image, text), expected)
+    per_image = torch.randn(3, 16)
+    expected = 1 - F.cosine_similarity(clip.encode_image(image), per_image, dim=-1)
+    torch.testing.assert_close(sc.clip_loss(clip, image, per_image), expected)
+
+
+def test_lr_schedule_is_the_official_one():
+    lr = 0.1
+    assert sc.get_lr(0.0, lr) == 0.0
+    assert math.isclose(sc.get_lr(0.025, lr), lr / 2)  # half-way up the 5% warm-up
+    assert math.isclose(sc.get_lr(0.5, lr), lr)
+    assert math.isclose(sc.get_lr(0.875, lr), lr / 2)  # half-way down the cosine over the last 25%
+    assert math.isclose(sc.get_lr(1.0, lr), 0.0, abs_tol=1e-12)
+
+
+def test_latent_optimization_lowers_the_clip_loss():
+    g, clip = tiny_generator(), tiny_clip()
+    text = toy_tokenize(["a face with purple hair"])
+    w = g.mapping(torch.randn(1, STYLE_DIM, generator=torch.Generator().manual_seed(3)))
+    seen = []
+
+    def id_loss(image, source):
+        seen.append((image.shape, source.shape))
+        return (image - source).pow(2).mean()
+
+    opt = sc.LatentOptimizer(g, clip, text, w, steps=12, id_loss=id_loss, id_lambda=0.01)
+    first = opt.step()
+    assert first["l2"] == 0.0 and "id" in first  # starts at the source
+    history = [first] + [opt.step() for _ in range(11)]
+    with torch.no_grad():
+        _, final, _ = opt.loss()
+    assert float(final["clip"]) < first["clip"] - 1e-3, [h["clip"] for h in history]
+    assert float(final["l2"]) > 0
+    assert seen[0] == ((1, 3, 32, 32), (1, 3, 32, 32))
+    # The generator and CLIP stay untouched; only the latent moved.
+    assert all(p.grad is None for p in g.parameters()) and all(p.grad is None for p in clip.parameters())
+    latent, hist = sc.optimize_latent(g, clip, text, w, steps=3)
+    assert latent.shape == (1, g.n_latent, STYLE_DIM) and len(hist) == 3
+
+
+# ------------------------------------------------------------------------------------------------------------
+# StyleCLIP: the latent mapper
+
+
+def test_mapper_layout_matches_the_official_one():
+    mapper = sc.LevelsMapper(STYLE_DIM)
+    keys = set(mapper.state_dict())
+    expected = {f"{level}.mapping.{i}.{p}" for level in ("course_mapping", "medium_mapping", "fine_mapping")
+                for i in range(1, 5) for p in ("weight", "bias")}
+    assert keys == expected
+    assert mapper.course_mapping.mapping[1].lr_mul == 0.01
+    # A disabled level leaves its W+ entries unchanged.
+    only_medium = sc.LevelsMapper(STYLE_DIM, coarse=False, fine=False)
+    w = torch.randn(2, 10, STYLE_DIM)
+    delta = only_medium(w)
+    assert torch.equal(delta[:, :4], torch.zeros(2, 4, STYLE_DIM)) and torch.equal(delta[:, 8:], torch.zeros(2, 2, STYLE_DIM))
+    assert delta[:, 4:8].abs().sum() > 0
+    torch.testing.assert_close(only_medium.edit(w), w + 0.1 * delta)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_mapper_trains(size):
+    g, clip = tiny_generator(size), tiny_clip()
+    torch.manual_seed(0)
+    mapper = sc.LevelsMapper(STYLE_DIM)
+    text = toy_tokenize(["a face with purple hair"])
+    w_plus = g.w_plus(g.mapping(torch.randn(4, STYLE_DIM)))
+    opt = torch.optim.Adam(mapper.parameters(), lr=0.5)  # the code's lr (with Ranger)
+    losses = []
+    for _ in range(8):
+        loss, parts = sc.mapper_loss(mapper, g, clip, text, w_plus)
+        assert set(parts) == {"clip", "l2"}  # no identity network given
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    with torch.no_grad():
+        final, _ = sc.mapper_loss(mapper, g, clip, text, w_plus)
+    assert float(final) < losses[0] - 1e-3, losses
+    assert all(p.grad is None for p in g.parameters())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# StyleCLIP: global directions
+
+
+@pytest.fixture(scope="module")
+def relevance_setup():
+    g, clip = tiny_generator(), tiny_clip()
+    means, stds = sc.style_statistics(g, n=512, batch=200, generator_rng=torch.Generator().manual_seed(0))
+    styles = g.styles(g.mapping(torch.randn(2, STYLE_DIM, generator=torch.Generator().manual_seed(1))))
+    relevance = sc.channel_relevance(g, clip, styles, means, stds, chunk=24)
+    delta_t = sc.text_direction(clip, "face with purple hair", "face", templates=["a {}.", "a photo of a {}."],
+                                tokenizer=toy_tokenize)
+    return g, clip, means, stds, styles, relevance, delta_t
+
+
+def test_style_statistics():
+    g = tiny_generator()
+    means, stds = sc.style_statistics(g, n=300, batch=128, generator_rng=torch.Generator().manual_seed(0))
+    z = torch.randn(300, STYLE_DIM, generator=torch.Generator().manual_seed(0))
+    styles = g.styles(g.mapping(z))
+    for m, s, ref in zip(means, stds, styles):
+        torch.testing.assert_close(m, ref.mean(0), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(s, ref.std(0, unbiased=False), atol=1e-4, rtol=1e-4)
+
+
+def test_channel_relevance_is_its_definition(relevance_setup):
+    g, clip, means, stds, styles, relevance, _ = relevance_setup
+    non_rgb = [i for i, layer in enumerate(g.style_layers()) if not layer.is_torgb]
+    assert relevance.shape == (g.style_channels(False), 16)
+    torch.testing.assert_close(relevance.norm(dim=-1), torch.ones(len(relevance)))
+    # Recompute one channel (the last channel of the third non-ToRGB layer) by hand.
+    li = non_rgb[2]
+    c = styles[li].shape[1] - 1
+    row = sum(styles[i].shape[1] for i in non_rgb[:2]) + c
+    feats = []
+    for sign in (-1, 1):
+        edited = [s.clone() for s in styles]
+        edited[li][:, c] = means[li][c] + sign * 5 * stds[li][c]
+        feats.append(F.normalize(clip.encode_image(g.synthesis_s(edited)), dim=-1))
+    expected = F.normalize(F.normalize(feats[1] - feats[0], dim=-1).mean(0), dim=0)
+    torch.testing.assert_close(relevance[row], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_text_direction_is_the_prompt_ensemble_difference(relevance_setup):
+    clip, delta_t = relevance_setup[1], relevance_setup[6]
+    templates = ["a {}.", "a photo of a {}."]
+    feats = {}
+    for text in ("face with purple hair", "face"):
+        e = F.normalize(clip.encode_text(toy_tokenize([t.format(text) for t in templates])), dim=-1)
+        feats[text] = F.normalize(e.mean(0), dim=0)
+    torch.testing.assert_close(delta_t, F.normalize(feats["face with purple hair"] - feats["face"], dim=0))
+
+
+def test_larger_beta_moves_fewer_channels(relevance_setup):
+    g, _, _, stds, styles, relevance, delta_t = relevance_setup
+    r = (relevance @ delta_t).abs()
+    betas = [0.0, *torch.quantile(r, torch.tensor([0.25, 0.5, 0.75, 0.95])).tolist(), float(r.max()) + 1e-3]
+    counts, moved = [], []
+    for beta in betas:
+        direction, count = sc.global_direction(relevance, delta_t, stds, beta, g)
+        counts.append(count)
+        moved.append(sum(int((d != 0).sum()) for d in direction))
+        for layer, d in zip(g.style_layers(), direction):
+            if layer.is_torgb:
+                assert not d.any()
+        if count:
+            # the largest |relevance| maps to exactly one std of its channel
+            ratios = torch.cat([d / s for d, s, layer in zip(direction, stds, g.style_layers()) if not layer.is_torgb])
+            assert math.isclose(float(ratios.abs().max()), 1.0, rel_tol=1e-5)
+    assert counts[0] == g.style_channels(False)
+    assert all(a >= b for a, b in zip(counts, counts[1:])) and counts[-1] == 0
+    assert len(set(counts)) >= 4  # strictly fewer along the way
+    assert counts == moved
+    # The edit: s + alpha * direction; alpha 0 leaves the image unchanged, alpha != 0 changes it.
+    direction, _ = sc.global_direction(relevance, delta_t, stds, betas[2], g)
+    image = g.synthesis_s(styles)
+    torch.testing.assert_close(g.synthesis_s(sc.apply_direction(styles, direction, 0.0)), image, rtol=0, atol=0)
+    assert not torch.allclose(g.synthesis_s(sc.apply_direction(styles, direction, 3.0)), image)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Capture and argument checks
+
+
+def test_compiles_fullgraph():
+    """torch.compile(fullgraph=True) captures the generator and the latent-optimization loss (including pyvl's
+    similarity_logits op) without graph breaks; the "eager" backend checks the capture only."""
+    g, clip = tiny_generator(), tiny_clip()
+    text = clip.encode_text(toy_tokenize(["a face"]))[0]
+    w_plus = g.w_plus(g.mapping(torch.randn(2, STYLE_DIM))).clone().requires_grad_(True)
+
+    def loss_fn(w):
+        return sc.clip_loss(clip, g.synthesis(w), text).mean() + 0.008 * w.pow(2).sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="eager")
+    out, ref = compiled(w_plus), loss_fn(w_plus)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(torch.autograd.grad(out, w_plus)[0], torch.autograd.grad(ref, w_plus)[0])
+
+
+def test_argument_errors():
+    g, clip = tiny_generator(), tiny_clip()
+    with pytest.raises(ValueError, match="power of 2"):
+        Generator(48)
+    with pytest.raises(ValueError, match="size"):
+        Generator(2048)
+    with pytest.raises(ValueError, match=r"z must be \[batch, 32\]"):
+        g.mapping(torch.randn(2, 31))
+    with pytest.raises(TypeError, match="z must be a floating-point tensor"):
+        g.mapping(torch.zeros(2, 32, dtype=torch.long))
+    with pytest.raises(ValueError, match="w must be"):
+        g.synthesis(torch.randn(2, 3, STYLE_DIM))
+    with pytest.raises(ValueError, match="styles must be a list of 11"):
+        g.synthesis_s([torch.randn(1, 16)])
+    with pytest.raises(ValueError, match="styles for conv1 must be"):
+        g.synthesis_s([torch.randn(1, 5)] * 11)
+    with pytest.raises(ValueError, match="noise must be a list of 7"):
+        g.synthesis(torch.randn(1, STYLE_DIM), noise=[None])
+    with pytest.raises(TypeError, match="channels must be a dict"):
+        Generator(32, channels=[1, 2])
+    with pytest.raises(ValueError, match="image must be"):
+        sc.clip_image_input(torch.randn(1, 3, 32, 16), 32)
+    with pytest.raises(ValueError, match="text_features must be"):
+        sc.clip_loss(clip, torch.randn(2, 3, 32, 32), torch.randn(3, 16))
+    with pytest.raises(TypeError, match="clip_model must be a CLIP"):
+        sc.clip_loss(g, torch.randn(2, 3, 32, 32), torch.randn(16))
+    with pytest.raises(ValueError, match="l2_lambda"):
+        sc.LatentOptimizer(g, clip, torch.randn(16), torch.randn(1, STYLE_DIM), l2_lambda=-1)
+    with pytest.raises(TypeError, match="id_loss must be a callable"):
+        sc.LatentOptimizer(g, clip, torch.randn(16), torch.randn(1, STYLE_DIM), id_loss=3)
+    with pytest.raises(ValueError, match="steps"):
+        sc.LatentOptimizer(g, clip, torch.randn(16), torch.randn(1, STYLE_DIM), steps=0)
+    with pytest.raises(ValueError, match="w_plus must be"):
+        sc.LevelsMapper(STYLE_DIM)(torch.randn(2, STYLE_DIM))
+    with pytest.raises(ValueError, match="beta"):
+        sc.global_direction(torch.randn(88, 16), torch.randn(16), [torch.ones(16)] * 11, -1.0, g)
+    with pytest.raises(ValueError, match="relevance must be"):
+        sc.global_direction(torch.randn(5, 16), torch.randn(16), [torch.ones(s.channels) for s in g.style_layers()],
+                            0.1, g)
+    with pytest.raises(ValueError, match="layers must hold"):
+        sc.channel_relevance(g, clip, g.styles(torch.randn(1, STYLE_DIM)), None, None, layers=[99])
