@@ -40,6 +40,9 @@ Implementation choices (results equal rosinality's up to rounding):
   randomize_noise=False (the default here, and what StyleCLIP passes everywhere) the stored noise buffers are used,
   so an image is a deterministic function of its latent; randomize_noise=True draws fresh noise (rosinality's
   default).
+- The call interface is pyvl's own (forward(z), synthesis(W+), synthesis_s(S)), not rosinality's
+  forward(list of style inputs, input_is_latent=..., return_latents=...); style mixing between two latents is a
+  W+ tensor built by the caller.
 - `channels` may override the per-resolution widths (rosinality's fixed table of 512 ... 16 * channel_multiplier)
   to build small generators for tests.
 """
