@@ -5,6 +5,7 @@ the StyleGAN2 paper, a direct-sum upfirdn2d), against the rosinality state_dict 
 round trips; the StyleCLIP methods for what they must do (the losses fall, beta thresholds monotonically, the
 relevance of a channel is what its definition says).
 """
+import copy
 import math
 
 import pytest
@@ -15,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 from pyvl.models import styleclip as sc
 from pyvl.models.clip import CLIP, TextConfig, VisionConfig
 from pyvl.models.stylegan2 import Generator, ModulatedConv2d, make_kernel, upfirdn2d
-from pyvl.testing import assert_close_to_reference
+from pyvl.testing import assert_close_to_reference, check_error_criterion, default_atol
 
 STYLE_DIM = 32
 SMALL = {4: 16, 8: 16, 16: 8, 32: 8, 64: 8}
@@ -205,6 +206,53 @@ def test_modulated_conv_matches_per_sample_weights(data):
         out = conv(x, style)
     assert_close_to_reference(out, modulated_conv_fused,
                               (x, style, conv.weight.detach(), conv.scale, demodulate, upsample, make_kernel([1, 3, 3, 1])))
+
+
+def synthesis_fused(g, w_plus):
+    """rosinality's Generator.forward on W+ with fixed noise, written with the per-sample-weight convolution
+    (modulated_conv_fused) and explicit bias / noise / activation arithmetic: an independent path through the
+    generator's wiring (which W+ entry feeds which layer, the skip upsampling)."""
+    blur = make_kernel([1, 3, 3, 1])
+    noise = [getattr(g.noises, f"noise_{i}") for i in range(g.num_layers)]
+
+    def style(conv, w):
+        m = conv.modulation
+        return F.linear(w, m.weight * m.scale, m.bias * m.lr_mul)
+
+    def styled(layer, x, w, n):
+        c = layer.conv
+        out = modulated_conv_fused(x, style(c, w), c.weight, c.scale, True, c.upsample, blur)
+        out = out + layer.noise.weight * n
+        return F.leaky_relu(out + layer.activate.bias.view(1, -1, 1, 1), 0.2) * math.sqrt(2)
+
+    def to_rgb(layer, x, w, skip):
+        out = modulated_conv_fused(x, style(layer.conv, w), layer.conv.weight, layer.conv.scale, False, False, blur)
+        out = out + layer.bias
+        return out if skip is None else out + upfirdn2d(skip, blur * 4, up=2, pad=(2, 1))
+
+    x = g.input.input.expand(w_plus.shape[0], -1, -1, -1)
+    x = styled(g.conv1, x, w_plus[:, 0], noise[0])
+    skip = to_rgb(g.to_rgb1, x, w_plus[:, 1], None)
+    for j, rgb in enumerate(g.to_rgbs):
+        x = styled(g.convs[2 * j], x, w_plus[:, 2 * j + 1], noise[2 * j + 1])
+        x = styled(g.convs[2 * j + 1], x, w_plus[:, 2 * j + 2], noise[2 * j + 2])
+        skip = to_rgb(rgb, x, w_plus[:, 2 * j + 3], skip)
+    return skip
+
+
+@settings(max_examples=6)
+@given(size=st.sampled_from([8, 16, 32]), batch=st.integers(1, 3), dtype=st.sampled_from([torch.float32, torch.float64]),
+       seed=st.integers(0, 99))
+def test_generator_matches_the_fused_formulation(size, batch, dtype, seed):
+    g = tiny_generator(size, seed).to(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    # W+ as a non-contiguous view (layers-major storage)
+    w_plus = torch.randn(g.n_latent, batch, STYLE_DIM, generator=gen).to(dtype).transpose(0, 1)
+    out = g.synthesis(w_plus)
+    with torch.no_grad():
+        ref = synthesis_fused(copy.deepcopy(g).double(), w_plus.double())
+        torch_out = synthesis_fused(g, w_plus)
+    check_error_criterion(out, ref, torch_out, atol=default_atol(dtype, ref), name=f"{size}px image")
 
 
 @pytest.mark.parametrize("size", [32, 64])
