@@ -364,6 +364,24 @@ def test_latent_optimization_lowers_the_clip_loss():
     assert latent.shape == (1, g.n_latent, STYLE_DIM) and len(hist) == 3
 
 
+def test_latent_optimization_in_style_space():
+    g, clip = tiny_generator(), tiny_clip()
+    text = toy_tokenize(["a face with purple hair"])
+    w = g.mapping(torch.randn(1, STYLE_DIM, generator=torch.Generator().manual_seed(3)))
+    opt = sc.LatentOptimizer(g, clip, text, w, steps=12, space="s")
+    source = [s.clone() for s in opt.latent]
+    history = [opt.step() for _ in range(12)]
+    with torch.no_grad():
+        _, final, _ = opt.loss()
+    assert float(final["clip"]) < history[0]["clip"] - 1e-3, [h["clip"] for h in history]
+    for layer, before, after in zip(g.style_layers(), source, opt.latent):
+        # the ToRGB layers' style vectors stay frozen (the code's STYLESPACE_INDICES_WITHOUT_TORGB)
+        assert torch.equal(before, after) == layer.is_torgb, layer.name
+    torch.testing.assert_close(final["l2"], sum((a - b).pow(2).sum() for a, b in zip(source, opt.latent)))
+    with pytest.raises(ValueError, match="space must be"):
+        sc.LatentOptimizer(g, clip, text, w, space="z")
+
+
 # ------------------------------------------------------------------------------------------------------------
 # StyleCLIP: the latent mapper
 

@@ -17,6 +17,7 @@ The three methods of the paper, on pyvl's StyleGAN2 generator (pyvl.models.style
    pyvl does the same by default (`clip_normalize=False`).
    The code computes 1 - logits / 100 with OpenAI's logit_scale (exactly 100 for the released models), i.e.
    1 - cos; pyvl computes 1 - cos directly so that a CLIP with another logit_scale gives the same loss.
+   space="s" optimizes in style space instead of W+ (the code's --work_in_stylespace; ToRGB vectors frozen).
 
 2. Latent mapper (section 5; mapper/latent_mappers.py, mapper/training/coach.py): three mappers for the coarse
    (W+ entries [:4]), medium ([4:8]) and fine ([8:]) layers, each PixelNorm + 4 EqualLinear(style_dim, style_dim,
@@ -205,13 +206,19 @@ class LatentOptimizer:
         id_loss: optional callable (image, source image) -> scalar; id_lambda its weight (code default 0).
         clip_normalize: CLIP mean/std normalization of the image (off, as the code).
         backend: passed to pyvl.ops.similarity_logits.
+        space: "w+" (default) optimizes the W+ code; "s" optimizes the style-space code instead (the code's
+            --work_in_stylespace): the list generator.styles(w_source), the ToRGB layers' vectors frozen, the l2
+            term summed over every layer. `latent` is then that list.
     """
 
     def __init__(self, generator: Generator, clip_model: CLIP, text: torch.Tensor, w_source: torch.Tensor,
                  steps: int = 300, lr: float = 0.1, l2_lambda: float = 0.008,
                  id_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, id_lambda: float = 0.0,
-                 clip_normalize: bool = False, backend: str | None = None):
+                 clip_normalize: bool = False, backend: str | None = None, space: str = "w+"):
         self.generator = _check_type(generator, Generator, "generator")
+        if space not in ("w+", "s"):
+            raise ValueError(f"space must be 'w+' or 's', got {space!r}")
+        self.space = space
         self.clip_model = _check_type(clip_model, CLIP, "clip_model")
         self.steps = _positive_int(steps, "steps")
         self.lr = _nonneg(lr, "lr")
@@ -222,19 +229,31 @@ class LatentOptimizer:
         self.id_loss = id_loss
         self.clip_normalize, self.backend = clip_normalize, backend
         self.text_features = _encode_text(clip_model, text)
-        self.w_source = generator.w_plus(w_source).detach().clone()
-        self.latent = self.w_source.clone().requires_grad_(True)
         with torch.no_grad():
+            self.w_source = generator.w_plus(w_source).detach().clone()
             self.source_image = generator.synthesis(self.w_source) if id_loss is not None and id_lambda > 0 else None
-        self.optimizer = torch.optim.Adam([self.latent], lr=self.lr)
+            if space == "w+":
+                self.source = self.w_source
+                self.latent = self.w_source.clone().requires_grad_(True)
+                params = [self.latent]
+            else:
+                self.source = [s.detach().clone() for s in generator.styles(self.w_source)]
+                self.latent = [s.clone().requires_grad_(not layer.is_torgb)
+                               for s, layer in zip(self.source, generator.style_layers())]
+                params = [s for s in self.latent if s.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=self.lr)
         self.step_index = 0
 
     def loss(self, latent: torch.Tensor | None = None):
         """(total loss, {"clip": ..., "l2": ..., "id": ...}, image) at `latent` (default: the current one)."""
         latent = self.latent if latent is None else latent
-        image = self.generator.synthesis(latent)
+        if self.space == "w+":
+            image = self.generator.synthesis(latent)
+            l2 = (self.source - latent).pow(2).sum()
+        else:
+            image = self.generator.synthesis_s(latent)
+            l2 = sum((src - cur).pow(2).sum() for src, cur in zip(self.source, latent))
         c_loss = clip_loss(self.clip_model, image, self.text_features, self.clip_normalize, self.backend).mean()
-        l2 = (self.w_source - latent).pow(2).sum()
         parts = {"clip": c_loss, "l2": l2}
         total = c_loss + self.l2_lambda * l2
         if self.id_loss is not None and self.id_lambda > 0:
@@ -256,11 +275,12 @@ class LatentOptimizer:
 
 def optimize_latent(generator: Generator, clip_model: CLIP, text: torch.Tensor, w_source: torch.Tensor,
                     steps: int = 300, **kwargs):
-    """Run `steps` latent-optimization steps (LatentOptimizer's arguments); returns (W+ latent, history of the
-    per-step losses)."""
+    """Run `steps` latent-optimization steps (LatentOptimizer's arguments); returns (the latent: W+, or the list of
+    style vectors with space="s"; the history of the per-step losses)."""
     opt = LatentOptimizer(generator, clip_model, text, w_source, steps=steps, **kwargs)
     history = [opt.step() for _ in range(steps)]
-    return opt.latent.detach(), history
+    latent = opt.latent.detach() if opt.space == "w+" else [s.detach() for s in opt.latent]
+    return latent, history
 
 
 # ----------------------------------------------------------------------------------------------------------------
