@@ -205,7 +205,8 @@ def test_modulated_conv_matches_per_sample_weights(data):
     with torch.no_grad():
         out = conv(x, style)
     assert_close_to_reference(out, modulated_conv_fused,
-                              (x, style, conv.weight.detach(), conv.scale, demodulate, upsample, make_kernel([1, 3, 3, 1])))
+                              (x, style, conv.weight.detach(), conv.scale, demodulate, upsample,
+                               make_kernel([1, 3, 3, 1])))
 
 
 def synthesis_fused(g, w_plus):
@@ -241,8 +242,8 @@ def synthesis_fused(g, w_plus):
 
 
 @settings(max_examples=6)
-@given(size=st.sampled_from([8, 16, 32]), batch=st.integers(1, 3), dtype=st.sampled_from([torch.float32, torch.float64]),
-       seed=st.integers(0, 99))
+@given(size=st.sampled_from([8, 16, 32]), batch=st.integers(1, 3),
+       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 99))
 def test_generator_matches_the_fused_formulation(size, batch, dtype, seed):
     g = tiny_generator(size, seed).to(dtype)
     gen = torch.Generator().manual_seed(seed)
@@ -397,7 +398,7 @@ def test_mapper_layout_matches_the_official_one():
     only_medium = sc.LevelsMapper(STYLE_DIM, coarse=False, fine=False)
     w = torch.randn(2, 10, STYLE_DIM)
     delta = only_medium(w)
-    assert torch.equal(delta[:, :4], torch.zeros(2, 4, STYLE_DIM)) and torch.equal(delta[:, 8:], torch.zeros(2, 2, STYLE_DIM))
+    assert not delta[:, :4].any() and not delta[:, 8:].any()
     assert delta[:, 4:8].abs().sum() > 0
     torch.testing.assert_close(only_medium.edit(w), w + 0.1 * delta)
 

@@ -9,8 +9,9 @@ The three methods of the paper, on pyvl's StyleGAN2 generator (pyvl.models.style
    D_CLIP = 1 - cos(CLIP image embedding, CLIP text embedding). Defaults follow the code: Adam, lr 0.1 with the
    code's schedule get_lr (cosine ramp-down over the last 25% of the steps, linear ramp-up over the first 5%),
    300 steps, l2_lambda 0.008 (the squared norm is a sum over all W+ entries), id_lambda 0 (the code's default;
-   the paper adds the identity term for some face edits). The identity term is a hook: any callable (edited image, source image)
-   -> scalar, e.g. 1 - cos of ArcFace features as in the code's IDLoss; pyvl ships no face network.
+   the paper adds the identity term for some face edits). The identity term is a hook: any callable
+   (edited image, source image) -> scalar, e.g. 1 - cos of ArcFace features as in the code's IDLoss; pyvl ships
+   no face network.
    The image reaches CLIP as the code does it: nearest upsampling by 7 then average pooling by size / 32 (1024 ->
    224), generalized here to any generator size and CLIP input size R: upsample by R / g, pool by size / g with
    g = gcd(size, R). The code feeds the generator's [-1, 1] output to CLIP without CLIP's mean/std normalization;
