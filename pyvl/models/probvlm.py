@@ -530,6 +530,7 @@ def _ranks(x):
 
 def _pair_1d(x, y):
     x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+    y = y.to(x.device)
     if x.dim() != 1 or x.shape != y.shape:
         raise ValueError(f"x and y must be 1-D of one length, got shapes {tuple(x.shape)} and {tuple(y.shape)}")
     keep = torch.isfinite(x) & torch.isfinite(y)  # empty bins (NaN recall) do not count
@@ -569,5 +570,5 @@ def calibration_metrics(uncertainty: torch.Tensor, hits: torch.Tensor, n_bins: i
     """
     bins = uncertainty_bins(uncertainty, n_bins, mode)
     recall = recall_per_bin(hits, bins, n_bins)
-    level = torch.arange(1, n_bins + 1, dtype=torch.float64)
+    level = torch.arange(1, n_bins + 1, dtype=torch.float64, device=recall.device)
     return {"recall_per_bin": recall, "S": spearman_correlation(level, recall), "R2": r_squared(level, recall)}
