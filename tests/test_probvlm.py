@@ -434,3 +434,19 @@ def test_bad_input():
         P.mc_dropout(P.ProbAdapter(4, 3), torch.randn(2, 4))
     with pytest.raises(ValueError, match="n must be positive"):
         P.sample_ggd(t, t.abs(), t.abs(), 0)
+
+
+def test_bench_case_peers_compute_the_same_step():
+    """`pyvl bench`'s probvlm_step: pyvl's and the plain-PyTorch step do the same arithmetic (same similarity)."""
+    from pyvl._bench_probvlm import probvlm_cases
+
+    (case,) = probvlm_cases("tiny", "cpu", ("probvlm_step",))
+    built = case.build(torch.device("cpu"), torch.float32, None)
+    (peer,) = built.peers.values()
+    for seed in range(2):  # two steps: the Adam updates agree too; one seed per step gives both one dropout mask
+        torch.manual_seed(seed)
+        ours = built.pyvl()
+        torch.manual_seed(seed)
+        theirs = peer()
+        torch.testing.assert_close(ours, theirs)
+    assert ours.shape == (8, 8)
