@@ -450,3 +450,60 @@ def test_bench_case_peers_compute_the_same_step():
         theirs = peer()
         torch.testing.assert_close(ours, theirs)
     assert ours.shape == (8, 8)
+
+
+@given(Q=st.integers(1, 40), G=st.integers(1, 30), n_bins=st.integers(1, 7), multi=st.booleans(),
+       mode=st.sampled_from(("count", "width")), seed=st.integers(0, 2**16))
+def test_retrieval_and_calibration_problems(Q, G, n_bins, multi, mode, seed):
+    """Random retrieval problems against a direct NumPy / SciPy evaluation: Recall@K (one or several positives per
+    query), the bins (a partition ordered by uncertainty, equal counts or equal widths), recall per bin, S and R^2."""
+    np = pytest.importorskip("numpy")
+    g = torch.Generator().manual_seed(seed)
+    sim = torch.randn(Q, G, generator=g, dtype=torch.float64)
+    if multi:
+        positives = torch.rand(Q, G, generator=g) < 0.2
+        pos_sets = [set(np.flatnonzero(row.numpy())) for row in positives]
+    else:
+        positives = torch.randint(0, G, (Q,), generator=g)
+        pos_sets = [{int(p)} for p in positives]
+    ks = sorted({1, max(1, G // 2), G})
+    hits = P.retrieval_hits(sim, positives, ks)
+    order = np.argsort(-sim.numpy(), axis=1, kind="stable")
+    expected = [[bool(pos_sets[q] & set(order[q, :k])) for k in ks] for q in range(Q)]
+    assert hits.tolist() == expected
+    u = torch.rand(Q, 3, generator=g, dtype=torch.float64)
+    bins = P.uncertainty_bins(u, n_bins, mode)
+    level = u.mean(1)
+    assert bins.min() >= 0 and bins.max() < n_bins
+    for b in range(n_bins - 1):  # every query of a bin is at most as uncertain as every query of a later bin
+        lower, upper = level[bins <= b], level[bins > b]
+        if len(lower) and len(upper):
+            assert lower.max() <= upper.min()
+    if mode == "count":
+        counts = torch.bincount(bins, minlength=n_bins)
+        assert counts.max() - counts.min() <= 1
+    recall = P.recall_per_bin(hits[:, 0], bins, n_bins)
+    for b in range(n_bins):
+        members = hits[bins == b, 0]
+        if len(members):
+            assert recall[b].item() == pytest.approx(members.double().mean().item())
+        else:
+            assert math.isnan(recall[b])
+    m = P.calibration_metrics(u, hits[:, 0], n_bins, mode)
+    lv = np.arange(1, n_bins + 1)[np.isfinite(recall.numpy())]
+    rv = recall.numpy()[np.isfinite(recall.numpy())]
+    if len(lv) >= 2 and rv.std() > 0:
+        assert m["S"].item() == pytest.approx(scipy_stats.spearmanr(lv, rv).statistic, abs=1e-12)
+        assert m["R2"].item() == pytest.approx(scipy_stats.linregress(lv, rv).rvalue ** 2, abs=1e-12)
+    else:
+        assert math.isnan(m["S"]) and math.isnan(m["R2"])
+
+
+@given(B=st.integers(1, 6), d=st.integers(1, 13), layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 2**16))
+def test_adapter_non_contiguous_inputs(B, d, layout, seed):
+    torch.manual_seed(seed)
+    adapter = P.ProbAdapter(d, 5).eval()
+    x = torch.randn(B, d)
+    view = _layout(x, layout)
+    for got, want in zip(adapter(view), adapter(x)):
+        torch.testing.assert_close(got, want)
