@@ -507,3 +507,24 @@ def test_adapter_non_contiguous_inputs(B, d, layout, seed):
     view = _layout(x, layout)
     for got, want in zip(adapter(view), adapter(x)):
         torch.testing.assert_close(got, want)
+
+
+def test_retrieval_calibration_composes_the_parts():
+    torch.manual_seed(0)
+    model = P.ProbVLM(dim=6, hidden_dim=5).double()
+    g = torch.Generator().manual_seed(1)
+    img = F_normalize(torch.randn(23, 6, generator=g, dtype=torch.float64))
+    txt = F_normalize(img + 0.5 * torch.randn(23, 6, generator=g, dtype=torch.float64))
+    torch.manual_seed(5)
+    res = P.retrieval_calibration(model, img, txt, ks=(1, 3), n_bins=4, n_passes=4, dropout_p=0.2)
+    torch.manual_seed(5)
+    u_img, u_txt = P.mc_dropout(model, img, txt, n_passes=4, dropout_p=0.2)
+    for name, q, gal, u in (("i2t", img, txt, u_img), ("t2i", txt, img, u_txt)):
+        hits = P.retrieval_hits(F_normalize(q) @ F_normalize(gal).T, torch.arange(23), (1, 3))
+        level = (u.aleatoric + u.epistemic).mean(1)
+        torch.testing.assert_close(res[name]["uncertainty"], level)
+        torch.testing.assert_close(res[name]["recall"], hits.double().mean(0))
+        for j, m in enumerate(res[name]["calibration"]):
+            ref = P.calibration_metrics(level, hits[:, j], 4)
+            torch.testing.assert_close(m["recall_per_bin"], ref["recall_per_bin"], equal_nan=True)
+            assert (math.isnan(m["S"]) and math.isnan(ref["S"])) or m["S"] == ref["S"]

@@ -57,7 +57,9 @@ computed per bin, and the paper's calibration figures are the Spearman rank corr
 level (bin index, lowest uncertainty first) and the recall of that bin, and the R^2 of a least-squares line through
 the same points. A well-calibrated model has recall falling with uncertainty: S near -1. Bins partition the
 queries (equal counts by default, or equal widths of the uncertainty range); the official create_uncer_bins_*
-helpers differ (equal spacing puts a query into every bin whose upper edge it is under).
+helpers differ (equal spacing puts a query into every bin whose upper edge it is under). `retrieval_calibration`
+runs both directions (image -> text, text -> image) for paired embeddings: ranking by the frozen embeddings, binning
+by the mean of aleatoric + epistemic uncertainty (the official code's sum), per K.
 
 Sampling (`sample_ggd`): |x - mu| / alpha = G^(1/beta) with G ~ Gamma(1/beta, 1) and a random sign, which is
 exactly a GGD draw; it is reparameterized (torch's Gamma rsample), so gradients reach mu, alpha and beta.
@@ -74,7 +76,7 @@ from torch import nn
 __all__ = ["ProbAdapter", "ProbVLM", "ProbOutput", "Uncertainty", "ggd_nll", "adapter_loss", "probvlm_loss",
            "aleatoric_uncertainty", "ggd_variance", "sample_ggd", "mc_dropout", "retrieval_similarity",
            "retrieval_hits", "recall_at_k", "uncertainty_bins", "recall_per_bin", "spearman_correlation",
-           "r_squared", "calibration_metrics"]
+           "r_squared", "calibration_metrics", "retrieval_calibration"]
 
 ALPHA_EPS = 1e-4
 BETA_EPS = 1e-4
@@ -572,3 +574,32 @@ def calibration_metrics(uncertainty: torch.Tensor, hits: torch.Tensor, n_bins: i
     recall = recall_per_bin(hits, bins, n_bins)
     level = torch.arange(1, n_bins + 1, dtype=torch.float64, device=recall.device)
     return {"recall_per_bin": recall, "S": spearman_correlation(level, recall), "R2": r_squared(level, recall)}
+
+
+def retrieval_calibration(model: ProbVLM, image_features: torch.Tensor, text_features: torch.Tensor, *,
+                          ks: int | Sequence[int] = (1, 5, 10), n_bins: int = 10, n_passes: int = 15,
+                          dropout_p: float | None = None, mode: str = "count", backend: str | None = None) -> dict:
+    """Both retrieval directions of paired embeddings (query i's positive is gallery item i) with ProbVLM's
+    uncertainty, as the paper evaluates calibration.
+
+    The ranking uses the frozen model's embeddings (ProbVLM estimates the uncertainty of that retrieval, it does
+    not change it), by cosine similarity through pyvl.ops.similarity_logits; each query's uncertainty is the mean
+    over dimensions of aleatoric + epistemic (MC dropout, `n_passes`, `dropout_p`), as the official
+    get_features_uncer_ProbVLM sums them. Returns {"i2t": ..., "t2i": ...}, each a dict with "recall" ([len(ks)]),
+    "uncertainty" ([Q]) and, per K, calibration_metrics under "calibration" (a list in the order of ks).
+    """
+    _features(image_features, "image_features", model.dim)
+    _features(text_features, "text_features", model.dim)
+    if image_features.shape != text_features.shape:
+        raise ValueError(f"image_features {tuple(image_features.shape)} and text_features "
+                         f"{tuple(text_features.shape)} must be paired (same shape)")
+    img, txt = mc_dropout(model, image_features, text_features, n_passes=n_passes, dropout_p=dropout_p)
+    positives = torch.arange(image_features.shape[0], device=image_features.device)
+    out = {}
+    for name, query, gallery, unc in (("i2t", image_features, text_features, img),
+                                      ("t2i", text_features, image_features, txt)):
+        hits = retrieval_hits(retrieval_similarity(query, gallery, backend=backend), positives, ks)
+        u = (unc.aleatoric + unc.epistemic).mean(dim=1)
+        out[name] = {"recall": hits.double().mean(dim=0), "uncertainty": u,
+                     "calibration": [calibration_metrics(u, hits[:, j], n_bins, mode) for j in range(hits.shape[1])]}
+    return out
