@@ -49,6 +49,8 @@ Uncertainty (`aleatoric_uncertainty`, `mc_dropout`):
 - epistemic: the variance of mu over `n_passes` forward passes with the dropout layers sampling (MC dropout; the
   official multi_fwpass_ProbVLM uses 15 passes and forces the dropout probability to 0.3, pyvl's `dropout_p`).
   pyvl restores the modules' train/eval modes and dropout probabilities afterwards (the official code does not).
+  The official multi_fwpass_ProbVLM returns sqrt(var(aleatoric) * var(mu)) over the passes as its epistemic figure;
+  pyvl returns var(mu), the paper's definition (section 3.3).
 
 Retrieval and calibration (`retrieval_hits`, `recall_at_k`, `uncertainty_bins`, `recall_per_bin`,
 `spearman_correlation`, `r_squared`, `calibration_metrics`): queries are ranked against a gallery by cosine
