@@ -19,6 +19,7 @@ ENV_VAR = "PYVL_BACKEND"
 # Every public op (pyvl.ops), as `pyvl info` lists them; an op family appends its names when it lands.
 OPS = ("depthwise_conv2d", "dsconv2d", "window_attention", "sequential_attention", "similarity_logits",
        "contrastive_loss")
+OPS += ("gather_scatter_add",)
 # Ops that have Triton kernels (in pyvl.kernels); an op family adds its names here when its kernels land.
 TRITON_OPS = ("depthwise_conv2d", "dsconv2d", "sequential_attention", "window_attention")
 
@@ -155,3 +156,5 @@ def choose(op: str, backend: str | None, x: torch.Tensor, training: bool = False
         if reason(name, op, x.device, x.dtype) is None:
             return name
     return "reference"
+# gather_scatter_add: measured in pretrain-gnn (see the comment at the end of this file once filled in).
+_CPU_ORDER["gather_scatter_add"] = ("cpu", "reference")
