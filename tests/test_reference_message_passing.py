@@ -33,17 +33,9 @@ def test_reference_matches_loop(N, E, d, num_nodes, with_edge):
 
 
 def test_reference_matches_torch_geometric_propagate():
-    MessagePassing = pytest.importorskip("torch_geometric.nn").MessagePassing
-
-    class EdgeSum(MessagePassing):
-        def __init__(self):
-            super().__init__(aggr="add")
-
-        def forward(self, x, edge_index, edge_attr):
-            return self.propagate(edge_index, x=x, edge_attr=edge_attr)
-
-        def message(self, x_j, edge_attr):
-            return x_j + edge_attr
+    pytest.importorskip("torch_geometric")
+    from pyvl._bench_gnn import torch_geometric_edge_sum
 
     x, edge_index, edge_attr = _graph(30, 80, 6, seed=3)
-    torch.testing.assert_close(ref.gather_scatter_add(x, edge_index, edge_attr), EdgeSum()(x, edge_index, edge_attr))
+    torch.testing.assert_close(ref.gather_scatter_add(x, edge_index, edge_attr),
+                               torch_geometric_edge_sum()(x, edge_index, edge_attr))

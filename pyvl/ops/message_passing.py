@@ -57,10 +57,11 @@ def _check_edge_index(edge_index, x, num_nodes):
         raise ValueError(f"edge_index must have shape [2, E], got {tuple(edge_index.shape)}")
     if edge_index.device != x.device:
         raise ValueError(f"edge_index must be on {x.device} like x, got {edge_index.device}")
-    E = edge_index.shape[1]
-    if E == 0:
+    if edge_index.shape[1] == 0 or torch.compiler.is_compiling():
+        # Under torch.compile the values are not known at trace time; the C++ kernel checks them again as it
+        # buckets the edges (and raises), and index_add_ does on the reference path.
         return
-    # One pass over the indices (E is small next to E * d); an index out of range would otherwise read outside x.
+    # One pass over the indices (E is small next to E * d), so the error names the argument.
     lo, hi = torch.aminmax(edge_index, dim=1)
     lo, hi = lo.tolist(), hi.tolist()
     if lo[0] < 0 or hi[0] >= x.shape[0]:
