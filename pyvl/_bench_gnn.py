@@ -21,7 +21,7 @@ GNN_MODEL_OPS = ("gin_pretrain_step",)
 
 # (molecules, d) per size set.
 AGG_SIZES = {"quick": [(256, 300)], "full": [(64, 300), (256, 300), (1024, 300)], "tiny": [(8, 16)]}
-STEP_SIZES = {"quick": [(128, 300)], "full": [(256, 300)], "tiny": [(4, 16)]}
+STEP_SIZES = {"quick": [(64, 300)], "full": [(256, 300)], "tiny": [(4, 16)]}
 
 
 def molecule_batch(num_molecules: int, seed: int = 0):
@@ -176,3 +176,54 @@ def gnn_cases(sizes: str, device, ops):
             out.append(Case("gin_pretrain_step", "masking", f"{mols} mols GIN 5x{d} Adam", mols, 1,
                             _step_case(mols, d), {"molecules": mols, "layers": 5, "emb_dim": d}))
     return out
+
+
+def _interleaved(num_molecules: int = 256, d: int = 300, repeats: int = 15) -> None:
+    """The figures behind _CPU_ORDER["gather_scatter_add"]: pyvl's C++ kernel, index_add_ and torch_geometric taking
+    turns (the order reversed every repeat) in one process; medians of wall time and of this thread's CPU time
+    (the latter is the stable figure on a shared machine at OMP_NUM_THREADS=1)."""
+    import statistics
+    import time
+
+    import pyvl
+    from pyvl.reference import message_passing as ref
+
+    _, edge_index, _, batch = molecule_batch(num_molecules)
+    n, E = batch.shape[0], edge_index.shape[1]
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(n, d, generator=g, requires_grad=True)
+    e = torch.randn(E, d, generator=g, requires_grad=True)
+    grad = torch.randn(n, d, generator=g)
+    impls = {"pyvl cpu": lambda: pyvl.ops.gather_scatter_add(h, edge_index, e, backend="cpu"),
+             "torch index_add_": lambda: ref.gather_scatter_add(h, edge_index, e)}
+    conv = torch_geometric_edge_sum()
+    if conv is not None:
+        impls["torch_geometric"] = lambda: conv(h, edge_index, e)
+    print(f"{num_molecules} molecules: N {n}, E {E}, d {d}, {torch.get_num_threads()} threads")
+    for mode in ("fwd", "fwd+bwd"):
+        def call(fn):
+            if mode == "fwd":
+                with torch.no_grad():
+                    return fn()
+            return torch.autograd.grad(fn(), (h, e), grad)
+
+        times = {k: ([], []) for k in impls}
+        for fn in impls.values():
+            call(fn)
+        for r in range(repeats):
+            for k in (list(impls) if r % 2 == 0 else list(impls)[::-1]):
+                t0, c0 = time.perf_counter(), time.thread_time()
+                call(impls[k])
+                times[k][0].append(time.perf_counter() - t0)
+                times[k][1].append(time.thread_time() - c0)
+        wall0, cpu0 = (statistics.median(v) for v in times["pyvl cpu"])
+        for k, (wall, cpu) in times.items():
+            w, c = statistics.median(wall), statistics.median(cpu)
+            print(f"  {mode:8s} {k:17s} wall {w * 1e3:8.2f} ms ({w / wall0:5.2f}x pyvl)   "
+                  f"thread CPU {c * 1e3:8.2f} ms ({c / cpu0:5.2f}x pyvl)")
+
+
+if __name__ == "__main__":  # OMP_NUM_THREADS=1 python -m pyvl._bench_gnn [molecules d repeats]
+    import sys
+
+    _interleaved(*(int(a) for a in sys.argv[1:4]))
