@@ -329,7 +329,10 @@ def test_supervised_pretraining_loss_falls_and_auc_is_high():
     torch.manual_seed(0)
     graphs = [gp.smiles_to_graph(s, y) for s, y in zip(SMILES, _labels(SMILES))]
     batch = gp.collate(graphs)
-    model = pg.GNNGraphPred(num_layer=3, emb_dim=32, num_tasks=3)
+    torch.manual_seed(0)
+    pretrained = pg.AttributeMasking(pg.GNN(num_layer=3, emb_dim=32))  # a stand-in for a pre-trained GNN
+    model = pg.GNNGraphPred(num_layer=3, emb_dim=32, num_tasks=3).from_pretrained(pretrained.gnn.state_dict())
+    torch.testing.assert_close(model.gnn.gnns[2].mlp[0].weight, pretrained.gnn.gnns[2].mlp[0].weight)
     _train(model, lambda step: pg.masked_bce_loss(model(batch), batch.y))
     model.eval()
     with torch.no_grad():

@@ -123,6 +123,15 @@ class GNNGraphPred(nn.Module):
         self.graph_pooling, self.num_tasks = graph_pooling, num_tasks
         self.graph_pred_linear = nn.Linear(self.gnn.out_dim, num_tasks)
 
+    def from_pretrained(self, state_dict_or_path) -> GNNGraphPred:
+        """Fine-tuning start (finetune.py): load pre-trained GNN weights (a state_dict of GNN, or a path that
+        torch.load reads, such as the official model_gin/*.pth) into self.gnn; the head stays as initialized."""
+        state = state_dict_or_path
+        if not isinstance(state, dict):
+            state = torch.load(state, map_location="cpu", weights_only=True)
+        self.gnn.load_state_dict(state)
+        return self
+
     def forward(self, batch):
         h = self.gnn(batch.x, batch.edge_index, batch.edge_attr)
         return self.graph_pred_linear(global_pool(h, batch.batch, batch.num_graphs, self.graph_pooling))
