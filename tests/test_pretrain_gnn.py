@@ -135,6 +135,30 @@ def test_masking_masks_the_official_count():
         gp.mask_atoms(_graphs()[0], 1.5)
 
 
+def test_edge_masking_masks_the_bonds_at_masked_atoms():
+    g = gp.smiles_to_graph("CC(=O)Oc1ccccc1C(=O)O")  # aspirin
+    m = gp.mask_atoms(g, masked_atom_indices=[1, 4], mask_edge=True)
+    touching = [e for e, (u, v) in enumerate(g.edge_index.T.tolist()) if u in (1, 4) or v in (1, 4)]
+    # Bonds 0-1, 1-2, 1-3 at atom 1 and 3-4, 4-5, 4-9 at atom 4 (3-4 counted once): 6 bonds, 12 directed edges.
+    assert len(touching) == 12 and m.connected_edge_indices.tolist() == touching[::2]
+    assert m.graph.edge_attr[touching].tolist() == [[5, 0]] * 12
+    untouched = [e for e in range(g.edge_index.shape[1]) if e not in touching]
+    assert torch.equal(m.graph.edge_attr[untouched], g.edge_attr[untouched])
+    assert torch.equal(m.mask_edge_label, g.edge_attr[touching[::2]])
+    graphs = _graphs()[:6]
+    b = gp.collate_masked([gp.mask_atoms(x, 0.15, torch.Generator().manual_seed(i), mask_edge=True)
+                           for i, x in enumerate(graphs)])
+    assert b.edge_attr[b.connected_edge_indices, 0].eq(5).all()
+    ends = b.edge_index[:, b.connected_edge_indices]
+    is_masked = torch.zeros(b.x.shape[0], dtype=torch.bool)
+    is_masked[b.masked_atom_indices] = True
+    assert is_masked[ends].any(0).all()  # every labelled bond touches a masked atom of its own molecule
+    task = pg.AttributeMasking(pg.GNN(num_layer=2, emb_dim=16), mask_edge=True)
+    loss, _ = task(b)
+    loss.backward()
+    assert task.linear_pred_bonds.weight.grad.abs().sum() > 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Context prediction
 

@@ -70,6 +70,8 @@ class GraphBatch:
     y: torch.Tensor | None = None
     masked_atom_indices: torch.Tensor | None = None  # collate_masked: batch-level node indices
     mask_node_label: torch.Tensor | None = None  # collate_masked: the masked atoms' original [k, 2] features
+    connected_edge_indices: torch.Tensor | None = None  # collate_masked with mask_edge: batch-level edge indices
+    mask_edge_label: torch.Tensor | None = None  # their bonds' original [b, 2] features
 
     @property
     def num_graphs(self) -> int:
@@ -168,6 +170,8 @@ class MaskedGraph:
     graph: MolGraph
     masked_atom_indices: torch.Tensor
     mask_node_label: torch.Tensor
+    connected_edge_indices: torch.Tensor | None = None  # mask_edge: one directed edge per masked bond
+    mask_edge_label: torch.Tensor | None = None  # mask_edge: those bonds' original features
 
 
 def num_masked_atoms(num_atoms: int, mask_rate: float) -> int:
@@ -176,10 +180,12 @@ def num_masked_atoms(num_atoms: int, mask_rate: float) -> int:
 
 
 def mask_atoms(graph: MolGraph, mask_rate: float = 0.15, generator: torch.Generator | None = None,
-               masked_atom_indices=None) -> MaskedGraph:
-    """MaskAtom's atom masking: int(n * mask_rate + 1) distinct atoms (at most n) drawn uniformly get atom type 119
-    and chirality 0; their original features are the labels. Bonds are left alone (the official mask_edge option,
-    which also masks the bonds at those atoms for a bond-type head, is not implemented)."""
+               masked_atom_indices=None, mask_edge: bool = False) -> MaskedGraph:
+    """MaskAtom: int(n * mask_rate + 1) distinct atoms (at most n) drawn uniformly get atom type 119 and chirality
+    0; their original features are the labels. With mask_edge (the official option, off by default in
+    pretrain_masking.py), every directed edge at a masked atom gets bond features [5, 0] too; the labels are the
+    original features of the first direction of each such bond (edge ids in increasing order, every second one, as
+    the official code takes them, relying on the two directions of a bond being adjacent)."""
     if not isinstance(graph, MolGraph):
         raise TypeError(f"graph must be a MolGraph, got {type(graph).__name__}")
     if not 0.0 <= mask_rate <= 1.0:
@@ -194,15 +200,30 @@ def mask_atoms(graph: MolGraph, mask_rate: float = 0.15, generator: torch.Genera
     label = graph.x[masked_atom_indices].clone()
     x = graph.x.clone()
     x[masked_atom_indices] = torch.tensor([MASK_ATOM_TYPE, 0])
-    return MaskedGraph(dataclasses.replace(graph, x=x), masked_atom_indices, label)
+    if not mask_edge:
+        return MaskedGraph(dataclasses.replace(graph, x=x), masked_atom_indices, label)
+    is_masked = torch.zeros(n, dtype=torch.bool)
+    is_masked[masked_atom_indices] = True
+    connected = torch.nonzero(is_masked[graph.edge_index].any(0)).reshape(-1)
+    edge_attr = graph.edge_attr.clone()
+    edge_attr[connected] = torch.tensor([MASK_BOND_TYPE, 0])
+    first = connected[::2]
+    return MaskedGraph(dataclasses.replace(graph, x=x, edge_attr=edge_attr), masked_atom_indices, label, first,
+                       graph.edge_attr[first].clone())
 
 
 def collate_masked(masked: list[MaskedGraph]) -> GraphBatch:
-    """BatchMasking: collate plus masked_atom_indices offset into the batch and the stacked mask_node_label."""
+    """BatchMasking: collate plus masked_atom_indices (and connected_edge_indices) offset into the batch and the
+    stacked labels."""
     _check_graphs("masked", masked, MaskedGraph)
     out = collate([m.graph for m in masked])
     out.masked_atom_indices = torch.cat([m.masked_atom_indices + out.ptr[i] for i, m in enumerate(masked)])
     out.mask_node_label = torch.cat([m.mask_node_label for m in masked], 0)
+    if all(m.connected_edge_indices is not None for m in masked):
+        edge_start = torch.cumsum(torch.tensor([0] + [m.graph.edge_index.shape[1] for m in masked[:-1]]), 0)
+        out.connected_edge_indices = torch.cat([m.connected_edge_indices + edge_start[i]
+                                                for i, m in enumerate(masked)])
+        out.mask_edge_label = torch.cat([m.mask_edge_label for m in masked], 0)
     return out
 
 

@@ -10,7 +10,7 @@ self-loop edges (bond type 4, direction 0) and lets index_add_ add them after ev
 the kernel's result is the same sum in the same order, without N more edges.
 
 Where the official code and pyvl differ: JK = "sum" sums the layer outputs (the official line indexes the sum with
-[0] and so returns only the first node's row, a bug); attribute masking masks atoms only (no mask_edge head).
+[0] and so returns only the first node's row, a bug).
 Inputs are pyvl.graph.pretrain's GraphBatch (x [n, 2], edge_index [2, E], edge_attr [E, 2], batch [n]).
 """
 from __future__ import annotations
@@ -142,13 +142,17 @@ class GNNGraphPred(nn.Module):
 
 
 class AttributeMasking(nn.Module):
-    """Attribute masking (pretrain_masking.py, atoms): a linear head on the masked atoms' representations predicts
-    their atom type (119 classes) with cross-entropy. `gnn` sees the masked input (atom type 119, chirality 0)."""
+    """Attribute masking (pretrain_masking.py): a linear head on the masked atoms' representations predicts their
+    atom type (119 classes) with cross-entropy; `gnn` sees the masked input (atom type 119, chirality 0). With
+    mask_edge (batches from mask_atoms(..., mask_edge=True)), a second head on h_u + h_v of each masked bond predicts
+    its bond type (4 classes), and the two cross-entropies add."""
 
-    def __init__(self, gnn: GNN):
+    def __init__(self, gnn: GNN, mask_edge: bool = False):
         super().__init__()
         self.gnn = gnn
+        self.mask_edge = mask_edge
         self.linear_pred_atoms = nn.Linear(gnn.out_dim, MASK_ATOM_TYPE)
+        self.linear_pred_bonds = nn.Linear(gnn.out_dim, 4) if mask_edge else None
 
     def forward(self, batch):
         """(loss, accuracy) for a batch from pyvl.graph.pretrain.collate_masked."""
@@ -159,6 +163,12 @@ class AttributeMasking(nn.Module):
         target = batch.mask_node_label[:, 0]
         loss = F.cross_entropy(logits, target)
         accuracy = (logits.argmax(1) == target).float().mean()
+        if self.mask_edge:
+            if batch.connected_edge_indices is None:
+                raise ValueError("mask_edge needs a batch of mask_atoms(..., mask_edge=True) graphs")
+            if batch.connected_edge_indices.numel():
+                u, v = batch.edge_index[:, batch.connected_edge_indices]
+                loss = loss + F.cross_entropy(self.linear_pred_bonds(h[u] + h[v]), batch.mask_edge_label[:, 0])
         return loss, accuracy
 
 
