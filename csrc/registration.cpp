@@ -43,6 +43,9 @@ TORCH_LIBRARY(pyvl, m) {
   m.def("contrastive_stats_backward(Tensor grad_row, Tensor grad_col, Tensor grad_diag, Tensor x, Tensor y,"
         " Tensor logit_scale, Tensor? logit_bias, Tensor row, Tensor col, int kind, int diag_offset) -> (Tensor grad_x,"
         " Tensor grad_y, Tensor grad_logit_scale, Tensor grad_logit_bias)");
+  // Message passing (GIN with edge features): out[i] = sum over edges e with dst[e] == i of (x[src[e]] + edge_attr[e]);
+  // x [N, d], src / dst int64 [E], edge_attr [E, d] or None, out [num_out, d]. Backward in pyvl/ops/message_passing.py.
+  m.def("gather_scatter_add(Tensor x, Tensor src, Tensor dst, Tensor? edge_attr, int num_out) -> Tensor");
 }
 
 // `import pyvl._C` loads this library, which runs the registrations above; the module itself is empty.

@@ -19,6 +19,7 @@ ENV_VAR = "PYVL_BACKEND"
 # Every public op (pyvl.ops), as `pyvl info` lists them; an op family appends its names when it lands.
 OPS = ("depthwise_conv2d", "dsconv2d", "window_attention", "sequential_attention", "similarity_logits",
        "contrastive_loss")
+OPS += ("gather_scatter_add",)
 # Ops that have Triton kernels (in pyvl.kernels); an op family adds its names here when its kernels land.
 TRITON_OPS = ("depthwise_conv2d", "dsconv2d", "sequential_attention", "window_attention")
 
@@ -137,6 +138,12 @@ _CPU_ORDER["window_attention"] = ("cpu", "reference")
 # 32 MiB of peak RSS growth against its 1061 MiB; the C++ similarity logits ran 2.4x faster than eager
 # normalize + matmul on CLIP zero-shot shapes (1000 or 7 x 100 classes against 256 images, d = 512).
 _CPU_ORDER.update({"similarity_logits": ("cpu", "reference"), "contrastive_loss": ("cpu", "reference")})
+# gather_scatter_add (same machine at load ~10, fp32, 256 ZINC-like molecules: N 5817, E 12836, d 300): against
+# index_select + add + index_add_, forward 3.9-7.4x and forward + backward 2.4-2.8x in single-thread CPU time
+# (`OMP_NUM_THREADS=1 python -m pyvl._bench_gnn`, interleaved in one process, two runs), 6.1x / 4.7x in `pyvl bench --ops
+# gather_scatter_add` at 2 threads; torch_geometric's propagate no faster than index_add_. GIN pre-training step
+# (`pyvl bench --ops gin_pretrain_step`, 128 molecules) 1.57x. So the C++ kernel goes first.
+_CPU_ORDER["gather_scatter_add"] = ("cpu", "reference")
 
 
 def choose(op: str, backend: str | None, x: torch.Tensor, training: bool = False) -> str:

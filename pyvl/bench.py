@@ -36,6 +36,7 @@ from ._bench_window import WINDOW_OPS, window_cases
 from ._bench_contrastive import CONTRASTIVE_OPS, contrastive_cases
 from ._bench_probvlm import PROBVLM_OPS, probvlm_cases
 from ._bench_styleclip import STYLECLIP_OPS, styleclip_cases
+from ._bench_gnn import GNN_MODEL_OPS, GNN_OPS, gnn_cases
 
 OPS = ("depthwise_fwd", "depthwise_fwd_bwd", "dsconv2d_fwd", "mobilenet_v1") + WINDOW_OPS + ("sequential_attention",) \
     + CONTRASTIVE_OPS
@@ -45,6 +46,8 @@ OPS += PROBVLM_OPS
 MODEL_OPS += PROBVLM_OPS
 OPS += STYLECLIP_OPS
 MODEL_OPS += STYLECLIP_OPS
+OPS += GNN_OPS
+MODEL_OPS += GNN_MODEL_OPS
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -379,6 +382,7 @@ def cases(sizes: str = "quick", device: str | torch.device = "cpu", ops=OPS) -> 
     out += contrastive_cases(sizes, device, ops)
     out += probvlm_cases(sizes, device, ops)
     out += styleclip_cases(sizes, device, ops)
+    out += gnn_cases(sizes, device, ops)
     # Stable order: the ops in the order asked, then the shapes in network order.
     return sorted(out, key=lambda c: ops.index(c.op) if c.op in ops else ops.index("sequential_attention"))
 

@@ -13,3 +13,5 @@ from .stylegan2 import Generator as StyleGAN2Generator  # noqa: E402
 from .styleclip import LatentOptimizer, LevelsMapper, optimize_latent  # noqa: E402
 
 __all__ += ["StyleGAN2Generator", "LatentOptimizer", "LevelsMapper", "optimize_latent"]
+from .pretrain_gnn import GNN, GNNGraphPred  # noqa: E402
+__all__ += ["GNN", "GNNGraphPred"]
