@@ -251,3 +251,14 @@ def test_few_shot_learned_prompt_beats_hand_written():
     assert hand <= 0.2, hand  # chance is 0.1
     assert learned >= 0.6 and learned >= hand + 0.4, (hand, learned)
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_bench_step_pyvl_and_plain_agree():
+    """The `pyvl bench` coop_step case: pyvl's step and the plain-PyTorch one give the same context gradient."""
+    from pyvl._bench_coop import coop_cases
+
+    (case,) = coop_cases("tiny", "cpu", ("coop_step",))
+    built = case.build(torch.device("cpu"), torch.float32, None)
+    (ours,), (plain,) = built.pyvl(), built.peers["plain PyTorch"]()
+    assert ours.abs().sum() > 0
+    torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-6)
