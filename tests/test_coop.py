@@ -261,4 +261,4 @@ def test_bench_step_pyvl_and_plain_agree():
     built = case.build(torch.device("cpu"), torch.float32, None)
     (ours,), (plain,) = built.pyvl(), built.peers["plain PyTorch"]()
     assert ours.abs().sum() > 0
-    torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-4 * float(plain.abs().max()))
