@@ -196,6 +196,16 @@ def test_checkpoint_round_trip(tmp_path):
         load_coop_checkpoint(fresh, bad)
     with pytest.raises(TypeError, match="checkpoint"):
         load_coop_checkpoint(fresh, 3)
+    # Dassl pickles its scheduler too (an object weights_only refuses): the path is refused with what to do, and
+    # the caller's own torch.load of a trusted file works.
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5)
+    torch.save({"state_dict": trained.prompt_learner.state_dict(), "scheduler": {"successor": sched}},
+               tmp_path / "with-scheduler.pth")
+    with pytest.raises(ValueError, match="weights_only=False"):
+        load_coop_checkpoint(fresh, tmp_path / "with-scheduler.pth")
+    fresh2 = CoOp(clip, NAMES, n_ctx=4, csc=True)
+    load_coop_checkpoint(fresh2, torch.load(tmp_path / "with-scheduler.pth", weights_only=False))
+    assert torch.equal(fresh2.prompt_learner.ctx, trained.prompt_learner.ctx)
 
 
 def test_bad_arguments_raise():

@@ -233,7 +233,7 @@ def train_coop(model: CoOp, inputs: torch.Tensor, labels: torch.Tensor, max_epoc
 def load_coop_checkpoint(model: CoOp | PromptLearner, checkpoint) -> CoOp | PromptLearner:
     """Load a CoOp checkpoint's context into model (in place) and return model.
 
-    checkpoint: a path (torch.load on the CPU) or what it holds: the prompt learner's state_dict with key "ctx",
+    checkpoint: a path (torch.load on the CPU with weights_only=True) or what it holds: the prompt learner's state_dict with key "ctx",
     possibly nested under "state_dict" as Dassl's save_checkpoint writes it (with "epoch", "optimizer", ...);
     "prompt_learner."-prefixed keys (a whole CoOp's state_dict) are accepted. token_prefix / token_suffix are
     dropped as the official load_model does (they come from the class names, which may differ), after checking that
@@ -243,7 +243,14 @@ def load_coop_checkpoint(model: CoOp | PromptLearner, checkpoint) -> CoOp | Prom
     if not isinstance(learner, PromptLearner):
         raise TypeError(f"model must be a CoOp or a PromptLearner, got {type(model).__name__}")
     if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        try:
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle.UnpicklingError (weights_only refuses arbitrary objects), and others
+            # Dassl also pickles its scheduler, whose state holds a scheduler object: weights_only refuses it.
+            # Unpickling arbitrary objects runs code, so that is the caller's decision for a file they trust.
+            raise ValueError(f"checkpoint {checkpoint!s} does not load with torch.load(weights_only=True) ({e}); for "
+                             "a file you trust, pass load_coop_checkpoint(model, torch.load(path, "
+                             "weights_only=False))") from e
     if not isinstance(checkpoint, dict):
         raise TypeError(f"checkpoint must be a path or a dict, got {type(checkpoint).__name__}")
     state = checkpoint.get("state_dict", checkpoint)
