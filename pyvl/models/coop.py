@@ -63,7 +63,8 @@ class PromptLearner(nn.Module):
         ctx_init: None for N(0, 0.02) context, or a phrase ("a photo of a") whose token embeddings start it.
         csc: class-specific context (one set of M vectors per class) instead of one shared set.
         class_token_position: "end", "middle" or "front".
-        tokenizer: texts -> [n, context_length] ids, CLIP's BPE tokenizer by default (pyvl.models.clip.tokenize).
+        tokenizer: tokenizer(texts, context_length=L) -> [n, L] ids with EOT the largest id of each row; CLIP's BPE
+            tokenizer by default (pyvl.models.clip.tokenize).
     """
 
     def __init__(self, clip_model: CLIP, classnames: Sequence[str], n_ctx: int = 16, ctx_init: str | None = None,
