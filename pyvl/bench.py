@@ -34,12 +34,18 @@ import torch.nn.functional as F
 
 from ._bench_window import WINDOW_OPS, window_cases
 from ._bench_contrastive import CONTRASTIVE_OPS, contrastive_cases
+from ._bench_probvlm import PROBVLM_OPS, probvlm_cases
+from ._bench_styleclip import STYLECLIP_OPS, styleclip_cases
 from ._bench_coop import COOP_OPS, coop_cases
 
 OPS = ("depthwise_fwd", "depthwise_fwd_bwd", "dsconv2d_fwd", "mobilenet_v1") + WINDOW_OPS + ("sequential_attention",) \
     + CONTRASTIVE_OPS
 # Whole-model cases: fewer repeats, and pyvl's default backend choice (what a user of the model gets).
 MODEL_OPS = ("mobilenet_v1", "swin_model")
+OPS += PROBVLM_OPS
+MODEL_OPS += PROBVLM_OPS
+OPS += STYLECLIP_OPS
+MODEL_OPS += STYLECLIP_OPS
 OPS += COOP_OPS
 MODEL_OPS += COOP_OPS
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -374,6 +380,8 @@ def cases(sizes: str = "quick", device: str | torch.device = "cpu", ops=OPS) -> 
     if "sequential_attention" in ops:
         out += _attention_cases(size.attention_n[dev])
     out += contrastive_cases(sizes, device, ops)
+    out += probvlm_cases(sizes, device, ops)
+    out += styleclip_cases(sizes, device, ops)
     out += coop_cases(sizes, device, ops)
     # Stable order: the ops in the order asked, then the shapes in network order.
     return sorted(out, key=lambda c: ops.index(c.op) if c.op in ops else ops.index("sequential_attention"))
