@@ -37,6 +37,7 @@ from ._bench_contrastive import CONTRASTIVE_OPS, contrastive_cases
 from ._bench_probvlm import PROBVLM_OPS, probvlm_cases
 from ._bench_styleclip import STYLECLIP_OPS, styleclip_cases
 from ._bench_gnn import GNN_MODEL_OPS, GNN_OPS, gnn_cases
+from ._bench_coop import COOP_OPS, coop_cases
 
 OPS = ("depthwise_fwd", "depthwise_fwd_bwd", "dsconv2d_fwd", "mobilenet_v1") + WINDOW_OPS + ("sequential_attention",) \
     + CONTRASTIVE_OPS
@@ -48,6 +49,8 @@ OPS += STYLECLIP_OPS
 MODEL_OPS += STYLECLIP_OPS
 OPS += GNN_OPS
 MODEL_OPS += GNN_MODEL_OPS
+OPS += COOP_OPS
+MODEL_OPS += COOP_OPS
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -383,6 +386,7 @@ def cases(sizes: str = "quick", device: str | torch.device = "cpu", ops=OPS) -> 
     out += probvlm_cases(sizes, device, ops)
     out += styleclip_cases(sizes, device, ops)
     out += gnn_cases(sizes, device, ops)
+    out += coop_cases(sizes, device, ops)
     # Stable order: the ops in the order asked, then the shapes in network order.
     return sorted(out, key=lambda c: ops.index(c.op) if c.op in ops else ops.index("sequential_attention"))
 

@@ -1,5 +1,6 @@
 """One model per paper, built on pyvl.nn and pyvl.ops."""
 from .clip import CLIP, ZeroShotClassifier, create_clip, zero_shot_weights
+from .coop import CoOp, PromptLearner, load_coop_checkpoint, train_coop
 from .mobilenet_v1 import MobileNetV1, mobilenet_v1
 from .swin import (SwinTransformer, swin_b, swin_l, swin_s, swin_t, swin_v2_b, swin_v2_s, swin_v2_t)
 from .video_swin import VideoSwinTransformer, video_swin_b, video_swin_s, video_swin_t
@@ -15,3 +16,4 @@ from .styleclip import LatentOptimizer, LevelsMapper, optimize_latent  # noqa: E
 __all__ += ["StyleGAN2Generator", "LatentOptimizer", "LevelsMapper", "optimize_latent"]
 from .pretrain_gnn import GNN, GNNGraphPred  # noqa: E402
 __all__ += ["GNN", "GNNGraphPred"]
+__all__ += ["CoOp", "PromptLearner", "load_coop_checkpoint", "train_coop"]

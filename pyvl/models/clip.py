@@ -417,8 +417,27 @@ class CLIP(nn.Module):
         if text.dim() != 2 or not 0 < text.shape[1] <= self.context_length:
             raise ValueError(f"text must be [batch, L] with 0 < L <= context_length {self.context_length}, got "
                              f"{tuple(text.shape)}")
+        return self.encode_text_embeddings(self.token_embedding(text), text, normalize=normalize)
+
+    def encode_text_embeddings(self, embeddings: torch.Tensor, text: torch.Tensor,
+                               normalize: bool = False) -> torch.Tensor:
+        """[B, L, width] token embeddings (what token_embedding gives, or learned prompt vectors in their place,
+        as CoOp feeds them) -> [B, embed_dim] features, pooled at text.argmax(-1) of the [B, L] token ids (the EOT
+        position, as CLIP does). encode_text(text) is encode_text_embeddings(token_embedding(text), text)."""
+        width = self.token_embedding.weight.shape[1]
+        if not isinstance(embeddings, torch.Tensor) or not embeddings.is_floating_point():
+            raise TypeError(f"embeddings must be a floating-point tensor, got "
+                            f"{embeddings.dtype if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__}")
+        if embeddings.dim() != 3 or embeddings.shape[2] != width or \
+                not 0 < embeddings.shape[1] <= self.context_length:
+            raise ValueError(f"embeddings must be [batch, L, {width}] with 0 < L <= context_length "
+                             f"{self.context_length}, got {tuple(embeddings.shape)}")
+        if not isinstance(text, torch.Tensor) or tuple(text.shape) != tuple(embeddings.shape[:2]):
+            raise ValueError(f"text must be the [batch, L] = {tuple(embeddings.shape[:2])} token ids of the embeddings "
+                             f"(their argmax marks the EOT position), got "
+                             f"{tuple(text.shape) if isinstance(text, torch.Tensor) else type(text).__name__}")
         dtype = self.token_embedding.weight.dtype
-        x = self.token_embedding(text) + self.positional_embedding[: text.shape[1]].to(dtype)
+        x = embeddings.to(dtype) + self.positional_embedding[: embeddings.shape[1]].to(dtype)
         x = self.ln_final(self.transformer(x, causal=True))
         x = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)] @ self.text_projection
         return F.normalize(x, dim=-1) if normalize else x
