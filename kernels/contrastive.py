@@ -27,7 +27,8 @@ probabilities of a large batch to zero; the factor is divided out of the float32
 
 Cost: the forward is one N x M x d product; the backward recomputes the logits in each of its two launches and, when
 d is larger than the d chunk (BLOCK_DO), once per chunk: (2 + 2 * ceil(d / BLOCK_DO)) products of N x M x d against
-the 3 of a backward that stored the logits.
+the 3 of a backward that stored the logits: 4 for d <= 256, 6 at d = 512 and 8 at d = 768 in float16 / bfloat16
+(BLOCK_DO = 256). A backward writing G in chunks of columns for two cuBLAS GEMMs would do 3; not done yet.
 
 Offsets are int64 (program ids and indices are cast before they meet a stride). The launchers only allocate
 outputs, pick block sizes and launch; argument checks and backend choice live in pyvl.ops.contrastive.
@@ -38,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-EPS = 1e-12  # F.normalize's default, as the reference uses
+EPS = tl.constexpr(1e-12)  # F.normalize's default, as the reference uses
 
 
 @triton.jit
@@ -265,17 +266,21 @@ def _stats_bwd_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, gmul_ptr,
 _np2 = triton.next_power_of_2
 
 
-def _blocks(dtype, rows, cols, D):
-    """(BLOCK_A, BLOCK_B, BLOCK_K, BLOCK_DO, num_warps). tl.dot wants every dim >= 16.
+# Largest (BLOCK_A, BLOCK_B, BLOCK_K, BLOCK_DO, forward num_warps, backward num_warps) per dtype class; AOT_SPECS
+# compiles exactly these. From ptxas -v for sm_90 (pyvl.kernels.aot): float16 backward at BLOCK_DO = 512 spilled
+# 1.2 KB per thread, at 256 it holds (255 registers, 12 B of spill in the transposed launch), so d = 512 takes two
+# chunks; float32 at 4 warps spilled 36 B in the backward and at BLOCK_K = 32 also in the forward.
+_TILES = {"wide": (128, 64, 64, 256, 8, 8), "fp32": (32, 32, 16, 64, 4, 8)}
+_BWD_ROWS = 64  # the backward's accumulator is [BLOCK_A, BLOCK_DO] float32: 64 rows at most
 
-    float16 / bfloat16: 128 x 64 tiles and d in chunks of 64 (the backward holds a [64, BLOCK_DO = 128] float32
-    accumulator besides the tile); float32 in IEEE precision runs on FMAs with the operands in registers, so it
-    takes 32 x 32 tiles, as the sequential-attention kernels found from ptxas. See AOT_SPECS for the measured
-    registers / shared memory."""
-    if dtype in (torch.float16, torch.bfloat16):
-        ca, cb, ck, cdo, warps = 128, 64, 64, 128, 8
-    else:
-        ca, cb, ck, cdo, warps = 32, 32, 32, 64, 4
+
+def _blocks(dtype, rows, cols, D, backward=False):
+    """(BLOCK_A, BLOCK_B, BLOCK_K, BLOCK_DO, num_warps) for `rows` x `cols` logits of d = D. tl.dot wants every
+    dim >= 16. float16 / bfloat16: 128 x 64 tiles (64 x 64 in the backward), d streamed by 64; float32 in IEEE
+    precision runs on FMAs with the operands in registers, so it takes 32 x 32 tiles and d by 16."""
+    ca, cb, ck, cdo, warps, bwd_warps = _TILES["wide" if dtype in (torch.float16, torch.bfloat16) else "fp32"]
+    if backward:
+        ca, warps = min(ca, _BWD_ROWS), bwd_warps
     return (max(16, min(ca, _np2(rows))), max(16, min(cb, _np2(cols))), max(16, min(ck, _np2(D))),
             max(16, min(cdo, _np2(D))), warps)
 
@@ -372,15 +377,13 @@ def contrastive_stats_backward(grad_row, grad_col, grad_diag, x, y, logit_scale,
         gmul = _gmul(grad_row, grad_col, grad_diag) if softmax else _gmul(grad_row, grad_diag)
         common = dict(SOFTMAX=softmax)
         # grad_x: x's rows against every y block; also the scale / bias partials
-        ba, bb, bk, bdo, warps = _blocks(x.dtype, n, m, D)
-        ba, bdo = min(ba, 64), bdo  # the backward's accumulator is [BLOCK_A, BLOCK_DO]: 64 rows at most
+        ba, bb, bk, bdo, warps = _blocks(x.dtype, n, m, D, backward=True)
         _stats_bwd_kernel[(triton.cdiv(n, ba), triton.cdiv(D, bdo))](
             x, y, scale_t, bias_t, gmul, row, grad_row, col, grad_col, grad_diag, grad_x, gs, gb,
             n, m, D, int(diag_offset), *_strides(x), *_strides(y),
             TRANSPOSED=False, BLOCK_A=ba, BLOCK_B=bb, BLOCK_K=bk, BLOCK_DO=bdo, num_warps=warps, **common)
         # grad_y: y's rows against every x block, the logits transposed
-        ba, bb, bk, bdo, warps = _blocks(x.dtype, m, n, D)
-        ba = min(ba, 64)
+        ba, bb, bk, bdo, warps = _blocks(x.dtype, m, n, D, backward=True)
         if softmax:
             stats = (col, grad_col, row, grad_row)
         else:  # sigmoid: the cotangent of x's rows (the b side) multiplies sigmoid(L); stat/gstat_a are not read
@@ -409,7 +412,8 @@ _F32_BWD = {"scale_ptr": "*fp32", "bias_ptr": "*fp32", "gmul_ptr": "*fp32", "sta
 
 def _aot_specs():
     specs = []
-    for dtypes, (ca, cb, ck, cdo, warps) in ((("fp16", "bf16"), (128, 64, 64, 128, 8)), (("fp32",), (32, 32, 32, 64, 4))):
+    for dtypes, (ca, cb, ck, cdo, warps, bwd_warps) in ((("fp16", "bf16"), _TILES["wide"]),
+                                                         (("fp32",), _TILES["fp32"])):
         specs.append(dict(kernel=_similarity_kernel, dtypes=dtypes, num_warps=warps, op="similarity_logits",
                           pointers={"scale_ptr": "*fp32", "bias_ptr": "*fp32"},
                           constexprs=dict(NORMALIZE=True, HAS_BIAS=True, BLOCK_M=ca, BLOCK_N=cb, BLOCK_K=ck)))
@@ -419,9 +423,9 @@ def _aot_specs():
                               label=f"_stats_fwd_kernel[{tag}]", pointers=_F32_STATS,
                               constexprs=dict(SOFTMAX=softmax, BLOCK_M=ca, BLOCK_N=cb, BLOCK_K=ck)))
             for transposed in (False, True):
-                specs.append(dict(kernel=_stats_bwd_kernel, dtypes=dtypes, num_warps=warps, op="contrastive_loss",
+                specs.append(dict(kernel=_stats_bwd_kernel, dtypes=dtypes, num_warps=bwd_warps, op="contrastive_loss",
                                   label=f"_stats_bwd_kernel[{tag}{',T' if transposed else ''}]", pointers=_F32_BWD,
-                                  constexprs=dict(SOFTMAX=softmax, TRANSPOSED=transposed, BLOCK_A=min(ca, 64),
+                                  constexprs=dict(SOFTMAX=softmax, TRANSPOSED=transposed, BLOCK_A=min(ca, _BWD_ROWS),
                                                   BLOCK_B=cb, BLOCK_K=ck, BLOCK_DO=cdo)))
     return specs
 
