@@ -3,10 +3,11 @@ softmax / SigLIP's sigmoid loss) tile by tile, without an N x M matrix in memory
 
   _similarity_kernel   one program per (row block, column block, batch): scale * a b^T / (|a| |b|) + bias, the row
                        norms summed in the same loop over d as the dot products (no normalized copies)
-  _stats_fwd_kernel    one program per row block of x, looping over every column block of y: the rows' running
-                       log-sum-exp (softmax) or sum of softplus (sigmoid), the matched pairs' logits, and, for softmax,
-                       the columns' partial (max, sum of exp) over the program's rows, written to a
-                       [row blocks, M] buffer and combined after the launch (no atomics, deterministic)
+  _stats_fwd_kernel    a persistent grid (two programs per SM), each taking every P-th row block of x and looping
+                       over every column block of y: the rows' running log-sum-exp (softmax) or sum of softplus
+                       (sigmoid), the matched pairs' logits, and, for softmax, the columns' partial (max, sum of exp)
+                       over the program's rows, merged into the program's own row of a [programs, M] buffer and
+                       combined after the launch (no atomics, deterministic; O(SMs x M) memory)
   _stats_bwd_kernel    one program per (row block, d chunk) of the side whose gradient it computes, looping over every
                        block of the other side: recomputes the logits tile, forms G = d(stats)/d(logits) and adds
                        G @ other; launched twice (grad_x from x's rows, grad_y from y's rows, the same kernel with the
@@ -139,46 +140,56 @@ def _similarity_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, out_ptr, N, M, D,
 def _stats_fwd_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, row_ptr, diag_ptr, cmax_ptr, csum_ptr,
                       N, M, D, diag_offset, sxm, sxd, sym, syd,
                       SOFTMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # row, diag: float32 [N]; cmax, csum: float32 [row blocks, M] (softmax only): column j's max over this
-    # program's rows and sum of exp(L - that max).
+    # A persistent grid of P programs: program p takes row blocks p, p + P, p + 2P, ... row, diag: float32 [N];
+    # cmax, csum: float32 [P, M] (softmax only), column j's max over program p's rows and the sum of exp(L - that
+    # max), which the program merges into its own buffer row after its first row block (no other program writes
+    # there), so the buffer is O(P M) whatever N is.
     DT: tl.constexpr = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < N
+    P = tl.num_programs(0)
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
-    r_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    r_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    diag = tl.zeros((BLOCK_M,), dtype=tl.float32)
     part = pid.to(tl.int64) * M
-    for n0 in range(0, M, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < M
-        tile = mask_m[:, None] & mask_n[None, :]
-        L = _raw_tile(x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D, sxm, sxd, sym, syd,
-                      BLOCK_M, BLOCK_N, BLOCK_K, DT) * scale + bias
-        on_diag = tile & (offs_n[None, :] == offs_m[:, None] + diag_offset)
-        diag += tl.sum(tl.where(on_diag, L, 0.0), 1)
+    for m0 in range(pid * BLOCK_M, N, P * BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N
+        first = m0 == pid * BLOCK_M
+        r_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        r_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        diag = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for n0 in range(0, M, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < M
+            tile = mask_m[:, None] & mask_n[None, :]
+            L = _raw_tile(x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D, sxm, sxd, sym, syd,
+                          BLOCK_M, BLOCK_N, BLOCK_K, DT) * scale + bias
+            on_diag = tile & (offs_n[None, :] == offs_m[:, None] + diag_offset)
+            diag += tl.sum(tl.where(on_diag, L, 0.0), 1)
+            if SOFTMAX:
+                L = tl.where(tile, L, float("-inf"))
+                new_max = tl.maximum(r_max, tl.max(L, 1))
+                # rows past N keep max -inf: subtract 0 there so that exp gives 0, not NaN
+                base = tl.where(new_max == float("-inf"), 0.0, new_max)
+                r_sum = r_sum * tl.exp(r_max - base) + tl.sum(tl.exp(L - base[:, None]), 1)
+                r_max = new_max
+                c_max = tl.max(L, 0)  # finite: every row block holds at least one row
+                c_sum = tl.sum(tl.exp(L - c_max[None, :]), 0)
+                if not first:
+                    p_max = tl.load(cmax_ptr + part + offs_n, mask=mask_n, other=0.0)
+                    p_sum = tl.load(csum_ptr + part + offs_n, mask=mask_n, other=0.0)
+                    both = tl.maximum(p_max, c_max)
+                    c_sum = p_sum * tl.exp(p_max - both) + c_sum * tl.exp(c_max - both)
+                    c_max = both
+                tl.store(cmax_ptr + part + offs_n, c_max, mask=mask_n)
+                tl.store(csum_ptr + part + offs_n, c_sum, mask=mask_n)
+            else:
+                r_sum += tl.sum(tl.where(tile, _softplus(L), 0.0), 1)
         if SOFTMAX:
-            L = tl.where(tile, L, float("-inf"))
-            new_max = tl.maximum(r_max, tl.max(L, 1))
-            # rows past N keep max -inf: subtract 0 there so that exp gives 0, not NaN
-            base = tl.where(new_max == float("-inf"), 0.0, new_max)
-            r_sum = r_sum * tl.exp(r_max - base) + tl.sum(tl.exp(L - base[:, None]), 1)
-            r_max = new_max
-            c_max = tl.max(L, 0)
-            c_base = tl.where(c_max == float("-inf"), 0.0, c_max)
-            c_sum = tl.sum(tl.exp(L - c_base[None, :]), 0)
-            tl.store(cmax_ptr + part + offs_n, c_max, mask=mask_n)
-            tl.store(csum_ptr + part + offs_n, c_sum, mask=mask_n)
+            row = r_max + tl.log(tl.where(mask_m, r_sum, 1.0))
         else:
-            r_sum += tl.sum(tl.where(tile, _softplus(L), 0.0), 1)
-    if SOFTMAX:
-        row = r_max + tl.log(tl.where(mask_m, r_sum, 1.0))
-    else:
-        row = r_sum
-    tl.store(row_ptr + offs_m, row, mask=mask_m)
-    tl.store(diag_ptr + offs_m, diag, mask=mask_m)
+            row = r_sum
+        tl.store(row_ptr + offs_m, row, mask=mask_m)
+        tl.store(diag_ptr + offs_m, diag, mask=mask_m)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -285,6 +296,15 @@ def _blocks(dtype, rows, cols, D, backward=False):
             max(16, min(cdo, _np2(D))), warps)
 
 
+def _persistent_programs(device) -> int:
+    """Programs of the statistics' forward: two per SM (one 8-warp program of ~180 registers per thread fills half
+    an SM's register file), which bounds the column partials at 2 x SMs x M floats twice (~2 MiB per 1000 columns
+    on an H100) while every SM stays busy; 2 in the interpreter, so that its tests exercise the merge."""
+    if device.type != "cuda":
+        return 2
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _scalar(t, like):
     """A one-element float32 tensor on like's device (logit_scale / logit_bias), without a host sync."""
     if t is None:
@@ -330,17 +350,17 @@ def contrastive_stats(x, y, logit_scale, logit_bias, kind, diag_offset):
                              None if logit_bias is None else logit_bias.float(), kind, diag_offset)
         return r.float(), c.float(), dg.float()
     bm, bn, bk, _, warps = _blocks(x.dtype, n, m, D)
-    row_blocks = triton.cdiv(n, bm)
-    parts = (row_blocks, m) if softmax else (1,)
+    programs = min(triton.cdiv(n, bm), _persistent_programs(x.device))
+    parts = (programs, m) if softmax else (1,)
     cmax = torch.empty(parts, **f32)
     csum = torch.empty(parts, **f32)
-    _stats_fwd_kernel[(row_blocks,)](
+    _stats_fwd_kernel[(programs,)](
         x, y, _scalar(logit_scale, x), _scalar(logit_bias, x), row, diag, cmax, csum,
         n, m, D, int(diag_offset), *_strides(x), *_strides(y),
         SOFTMAX=softmax, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     if not softmax:
         return row, torch.empty(0, **f32), diag
-    # The columns' log-sum-exps from the row blocks' partials: O(row blocks x M), in a fixed order.
+    # The columns' log-sum-exps from the programs' partials: O(programs x M), in a fixed order.
     top = cmax.max(0).values
     col = top + torch.log((csum * torch.exp(cmax - top)).sum(0))
     return row, col, diag
