@@ -172,8 +172,9 @@ def _stats_fwd_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, row_ptr, diag_ptr, cmax
                 base = tl.where(new_max == float("-inf"), 0.0, new_max)
                 r_sum = r_sum * tl.exp(r_max - base) + tl.sum(tl.exp(L - base[:, None]), 1)
                 r_max = new_max
-                c_max = tl.max(L, 0)  # finite: every row block holds at least one row
-                c_sum = tl.sum(tl.exp(L - c_max[None, :]), 0)
+                c_max = tl.max(L, 0)  # finite in the columns < M (a row block holds at least one row)
+                c_base = tl.where(mask_n, c_max, 0.0)  # -inf - -inf past M would be NaN (masked out, but noisy)
+                c_sum = tl.sum(tl.exp(L - c_base[None, :]), 0)
                 if not first:
                     p_max = tl.load(cmax_ptr + part + offs_n, mask=mask_n, other=0.0)
                     p_sum = tl.load(csum_ptr + part + offs_n, mask=mask_n, other=0.0)
@@ -323,8 +324,6 @@ def similarity_logits(a, b, scale, bias, normalize):
     out = torch.empty((B, N, M), dtype=a.dtype, device=a.device)
     if out.numel() == 0:
         return out
-    if D == 0:
-        return out.fill_(0.0 if bias is None else float(bias.reshape(())))
     bm, bn, bk, _, warps = _blocks(a.dtype, N, M, D)
     sab, san, sad = _strides(a)
     sbb, sbm, sbd = _strides(b)
@@ -343,12 +342,9 @@ def contrastive_stats(x, y, logit_scale, logit_bias, kind, diag_offset):
     f32 = dict(dtype=torch.float32, device=x.device)
     row = torch.empty(n, **f32)
     diag = torch.empty(n, **f32)
-    if n == 0 or m == 0 or D == 0:  # the degenerate blocks, by the reference's formulas
-        from pyvl.reference.contrastive import contrastive_stats as ref_stats
-
-        r, c, dg = ref_stats(x.float(), y.float(), logit_scale.float(),
-                             None if logit_bias is None else logit_bias.float(), kind, diag_offset)
-        return r.float(), c.float(), dg.float()
+    if n == 0 or m == 0:  # an empty block: log-sum-exps over nothing are -inf, sums 0, no matched pairs
+        empty = torch.full((m if softmax else 0,), float("-inf"), **f32)
+        return row.fill_(float("-inf") if softmax else 0.0), empty, diag.zero_()
     bm, bn, bk, _, warps = _blocks(x.dtype, n, m, D)
     programs = min(triton.cdiv(n, bm), _persistent_programs(x.device))
     parts = (programs, m) if softmax else (1,)
@@ -385,7 +381,7 @@ def contrastive_stats_backward(grad_row, grad_col, grad_diag, x, y, logit_scale,
     grad_y = torch.zeros((m, D), dtype=y.dtype, device=y.device)
     gs = torch.zeros(max(n, 1), **f32)
     gb = torch.zeros(max(n, 1), **f32)
-    if n > 0 and m > 0 and D > 0:
+    if n > 0 and m > 0:  # d = 0 runs too: the logits are all logit_bias, whose gradient the programs still sum
         grad_row = grad_row.float().contiguous()
         grad_diag = grad_diag.float().contiguous()
         row = row.float().contiguous()
@@ -398,7 +394,7 @@ def contrastive_stats_backward(grad_row, grad_col, grad_diag, x, y, logit_scale,
         common = dict(SOFTMAX=softmax)
         # grad_x: x's rows against every y block; also the scale / bias partials
         ba, bb, bk, bdo, warps = _blocks(x.dtype, n, m, D, backward=True)
-        _stats_bwd_kernel[(triton.cdiv(n, ba), triton.cdiv(D, bdo))](
+        _stats_bwd_kernel[(triton.cdiv(n, ba), max(1, triton.cdiv(D, bdo)))](
             x, y, scale_t, bias_t, gmul, row, grad_row, col, grad_col, grad_diag, grad_x, gs, gb,
             n, m, D, int(diag_offset), *_strides(x), *_strides(y),
             TRANSPOSED=False, BLOCK_A=ba, BLOCK_B=bb, BLOCK_K=bk, BLOCK_DO=bdo, num_warps=warps, **common)
@@ -408,7 +404,7 @@ def contrastive_stats_backward(grad_row, grad_col, grad_diag, x, y, logit_scale,
             stats = (col, grad_col, row, grad_row)
         else:  # sigmoid: the cotangent of x's rows (the b side) multiplies sigmoid(L); stat/gstat_a are not read
             stats = (row, grad_row, row, grad_row)
-        _stats_bwd_kernel[(triton.cdiv(m, ba), triton.cdiv(D, bdo))](
+        _stats_bwd_kernel[(triton.cdiv(m, ba), max(1, triton.cdiv(D, bdo)))](
             y, x, scale_t, bias_t, gmul, *stats, grad_diag, grad_y, gs, gb,
             m, n, D, -int(diag_offset), *_strides(y), *_strides(x),
             TRANSPOSED=True, BLOCK_A=ba, BLOCK_B=bb, BLOCK_K=bk, BLOCK_DO=bdo, num_warps=warps, **common)
