@@ -11,6 +11,8 @@ Each kernels/<family>.py lists its kernels in AOT_SPECS: dicts with
     pointers   optional {arg name: Triton type} for pointers whose type does not follow `dtypes` (and for scalars
                that are not i32, e.g. "fp32")
     label      optional row name in the table (default: the kernel's name), for several specs of one kernel
+    op         optional public op the kernel serves, for `pyvl info --compile` (default: dsconv2d for a kernel
+               named *dsconv*, else the family's name)
 Arguments named *_ptr are pointers of the spec's dtype, tl.constexpr parameters take `constexprs`, every other
 argument is an i32 scalar. A new family only adds its module name to FAMILIES.
 
@@ -30,6 +32,7 @@ import tempfile
 import time
 
 FAMILIES = ("depthwise_conv2d", "sequential_attention", "window_attention")
+FAMILIES += ("contrastive",)
 
 # Largest dynamic shared memory one block may use (opt-in), in bytes.
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -159,8 +162,9 @@ def status_by_op(archs=(80, 90), families=FAMILIES) -> dict:
     A kernel belongs to the fused op dsconv2d when its name says so, else to its family's op."""
     status: dict = {}
     for (family, index, _, _), _, failed in _compile_many(_work(archs, families)):
-        name = importlib.import_module(f"pyvl.kernels.{family}").AOT_SPECS[index]["kernel"].__name__
-        op = "dsconv2d" if "dsconv" in name else family
+        spec = importlib.import_module(f"pyvl.kernels.{family}").AOT_SPECS[index]
+        name = spec["kernel"].__name__
+        op = spec.get("op") or ("dsconv2d" if "dsconv" in name else family)
         kernels = status.setdefault(op, {})
         kernels[name] = kernels.get(name, True) and not failed
     return status

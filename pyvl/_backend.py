@@ -22,6 +22,10 @@ OPS = ("depthwise_conv2d", "dsconv2d", "window_attention", "sequential_attention
 OPS += ("gather_scatter_add",)
 # Ops that have Triton kernels (in pyvl.kernels); an op family adds its names here when its kernels land.
 TRITON_OPS = ("depthwise_conv2d", "dsconv2d", "sequential_attention", "window_attention")
+TRITON_OPS += ("similarity_logits", "contrastive_loss")
+# Ops whose Triton kernels run float16 / bfloat16 / float32 only (float64 goes to the cpu / reference backends).
+TRITON_NO_FLOAT64 = ("window_attention",)
+TRITON_NO_FLOAT64 += ("similarity_logits", "contrastive_loss")
 
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -75,9 +79,9 @@ def reason(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> s
     elif backend == "triton":
         if op not in TRITON_OPS:
             return f"pyvl has no Triton kernel for {op}"
-        if op == "window_attention" and dtype == torch.float64:
-            return ("the Triton window-attention kernels run float16, bfloat16 and float32; float64 runs on the "
-                    "reference backend")
+        if op in TRITON_NO_FLOAT64 and dtype == torch.float64:
+            return (f"the Triton {op.replace('_', '-')} kernels run float16, bfloat16 and float32; float64 runs on "
+                    "the reference backend")
         if device.type == "cuda":
             return None
         if device.type != "cpu" or not triton_interpreting():

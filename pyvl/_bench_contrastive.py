@@ -10,6 +10,17 @@
 Peak memory on the CPU (torch keeps no CPU allocator statistics): pyvl.bench.subprocess_peak_memory runs each
 implementation once more in a fresh process after a small warm-up call (the case's memory_probe); the figure
 includes the gradients every implementation must return.
+
+On a CUDA device pyvl's ops run their Triton kernels (backend "triton": pyvl has no CUDA kernels for this family, so
+a bench run whose kernel backend is "cuda" times "triton" here); time them in bfloat16 as CLIP trains
+(`pyvl bench --device cuda --dtype bfloat16 --ops contrastive_loss,similarity_logits --sizes full`; the "full" set
+goes to N = 65536 at d = 512 and 768).
+
+The largest batch that fits (GPU): `python -m pyvl._bench_contrastive --max-n [--d 512] [--dtype bfloat16]` measures
+each implementation's peak CUDA memory for forward + backward at N = 2048, 4096, 8192 (torch.cuda.max_memory_allocated
+above the inputs), fits peak(N) = a + b N + c N^2 by least squares and solves peak(N) = free device memory (less the
+inputs and gradients, 4 N d elements): pyvl's loss is linear in N (c ~ 0), open_clip's quadratic. The figure is an
+extrapolation, printed with the fit; `--verify` also runs pyvl's loss once at 90% of its predicted N.
 """
 from __future__ import annotations
 
@@ -75,6 +86,13 @@ def _loss_fns(N, d, device, dtype, backend):
     return fns
 
 
+def _loss_backend(backend, device):
+    """On a CUDA device, "triton" where the asked-for backend is the absent "cuda" (or none was asked for)."""
+    if torch.device(device).type == "cuda" and backend in (None, "cuda"):
+        return "triton"
+    return backend
+
+
 def loss_built(device, dtype, backend, N, d):
     """The contrastive_loss case of size N x d, built: what the timing and, in a fresh process, the CPU peak memory
     measurement (the case's memory_probe) both run."""
@@ -86,6 +104,7 @@ def _loss_case(N, d):
         from pyvl.bench import Built, Skip, _chosen_backend
 
         x, _ = _features(2, d, device, dtype)
+        backend = _loss_backend(backend, device)
         chosen = _chosen_backend("contrastive_loss", backend, x)
         fns = _loss_fns(N, d, device, dtype, backend)
         if len(fns) == 1:
@@ -106,6 +125,7 @@ def _similarity_case(lead, classes, images, d):
         g = torch.Generator().manual_seed(0)
         text = torch.randn(*lead, classes, d, generator=g).to(device, dtype)
         image = torch.randn(images, d, generator=g).to(device, dtype)
+        backend = _loss_backend(backend, device)
         chosen = _chosen_backend("similarity_logits", backend, text)
 
         def ours():
@@ -141,3 +161,61 @@ def contrastive_cases(sizes: str, device, ops):
             out.append(Case("similarity_logits", "rows", shape, images, 1, _similarity_case(lead, classes, images, d),
                             {"text": [*lead, classes, d], "images": [images, d]}))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The largest batch that fits on the GPU (see the module docstring)
+
+
+def _peak_bytes(fn, device) -> int:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def max_batch(d=512, dtype=torch.bfloat16, device="cuda", sizes=(2048, 4096, 8192), verify=False, out=print):
+    """{implementation: predicted largest N} from peaks at `sizes`, fitted a + b N + c N^2 (see the docstring)."""
+    import numpy as np
+
+    device = torch.device(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    elem = torch.empty((), dtype=dtype).element_size()
+    peaks = {}
+    for N in sizes:
+        for name, fn in _loss_fns(N, d, device, dtype, "triton").items():
+            fn()  # compiles / warms up
+            peaks.setdefault(name, []).append(_peak_bytes(fn, device))
+        torch.cuda.empty_cache()
+    best = {}
+    for name, ys in peaks.items():
+        c, b, a = np.polyfit(np.array(sizes, dtype=float), np.array(ys, dtype=float), 2)
+        c = max(c, 0.0)
+        # peak(N) + 4 N d elements (features and gradients) <= free
+        b_total = b + 4 * d * elem
+        if c * 1e12 < b_total:  # linear in practice
+            n_max = (free - a) / b_total
+        else:
+            n_max = (-b_total + (b_total ** 2 + 4 * c * (free - a)) ** 0.5) / (2 * c)
+        best[name] = int(n_max)
+        out(f"{name:<22} peak(N) = {a / 2**20:.1f} MiB + {b / 2**10:.2f} KiB N + {c:.3g} B N^2 "
+            f"-> largest N ~ {int(n_max):,} in {free / 2**30:.1f} GiB free (d = {d}, {dtype})")
+    if verify:
+        N = int(0.9 * best["pyvl"])
+        fn = _loss_fns(N, d, device, dtype, "triton")["pyvl"]
+        out(f"pyvl at N = {N:,}: peak {_peak_bytes(fn, device) / 2**30:.2f} GiB above the inputs")
+    return best
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="largest contrastive-loss batch that fits on the GPU")
+    parser.add_argument("--max-n", action="store_true", required=True)
+    parser.add_argument("--d", type=int, default=512)
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--verify", action="store_true")
+    args = parser.parse_args()
+    max_batch(args.d, getattr(torch, args.dtype), verify=args.verify)

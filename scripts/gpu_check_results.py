@@ -17,7 +17,8 @@ import torch
 def classify(classname: str, name: str):
     """ "<backend>/<op>" a test verifies, or None. Only tests/test_<family>_cuda.py count (tests on CUDA tensors;
     the Triton interpreter tier does not); the backend is the "triton" or "cuda" in the test's name (a test naming
-    neither verifies no kernel); the op is the family, except dsconv tests of the depthwise family."""
+    neither verifies no kernel); the op is the family, except dsconv tests of the depthwise family and the
+    contrastive family's two ops (similarity_logits for tests naming "similarity", else contrastive_loss)."""
     stem = classname.replace(".", "/").split("/")[-1]
     if not (stem.startswith("test_") and stem.endswith("_cuda")):
         return None
@@ -27,6 +28,8 @@ def classify(classname: str, name: str):
     op = stem[len("test_"):-len("_cuda")]
     if op == "depthwise_conv2d" and "dsconv" in name.lower():
         op = "dsconv2d"
+    if op == "contrastive":  # one family, two ops
+        op = "similarity_logits" if "similarity" in name.lower() else "contrastive_loss"
     return f"{backend}/{op}"
 
 

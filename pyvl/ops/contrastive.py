@@ -4,8 +4,12 @@
     loss = pyvl.ops.contrastive_loss(image_features, text_features, logit_scale, logit_bias=None, kind="softmax",
                                      group=None, *, backend=None)
 
-Backends: "reference" (pyvl.reference.contrastive: PyTorch, the N x N logits materialized as open_clip does) and
-"cpu" (the C++ kernels in csrc/cpu/similarity.cpp and csrc/cpu/contrastive.cpp).
+Backends: "reference" (pyvl.reference.contrastive: PyTorch, the N x N logits materialized as open_clip does),
+"cpu" (the C++ kernels in csrc/cpu/similarity.cpp and csrc/cpu/contrastive.cpp) and "triton" (pyvl.kernels.contrastive,
+through the custom ops pyvl::similarity_logits_triton, pyvl::contrastive_stats_triton and
+pyvl::contrastive_stats_backward_triton; float16 / bfloat16 / float32 on CUDA, or on the CPU under TRITON_INTERPRET=1;
+float64 runs on the other two). Every backend shares the autograd below and the distributed scheme, which lives above
+the statistics op.
 
 contrastive_loss is assembled from per-row and per-column statistics of the logits block (torch.ops.pyvl.
 contrastive_stats: the row and column log-sum-exps for softmax, the row sums of softplus for sigmoid, and the
@@ -154,32 +158,80 @@ def _stats_setup(ctx, inputs, output):
     ctx.static = (kind, diag_offset)
 
 
-def _stats_backward(ctx, grad_row, grad_col, grad_diag):
-    x, y, logit_scale, logit_bias, row, col = ctx.saved_tensors
-    grad_row = torch.zeros_like(row) if grad_row is None else grad_row
-    grad_col = torch.zeros_like(col) if grad_col is None else grad_col
-    grad_diag = torch.zeros_like(row) if grad_diag is None else grad_diag
-    gx, gy, gs, gb = torch.ops.pyvl.contrastive_stats_backward(grad_row, grad_col, grad_diag, x, y, logit_scale,
-                                                               logit_bias, row, col, *ctx.static)
-    return gx, gy, gs, (gb if logit_bias is not None else None), None, None
+def _make_stats_backward(backward_op: str):
+    def backward(ctx, grad_row, grad_col, grad_diag):
+        x, y, logit_scale, logit_bias, row, col = ctx.saved_tensors
+        grad_row = torch.zeros_like(row) if grad_row is None else grad_row
+        grad_col = torch.zeros_like(col) if grad_col is None else grad_col
+        grad_diag = torch.zeros_like(row) if grad_diag is None else grad_diag
+        gx, gy, gs, gb = getattr(torch.ops.pyvl, backward_op)(grad_row, grad_col, grad_diag, x, y, logit_scale,
+                                                              logit_bias, row, col, *ctx.static)
+        return gx, gy, gs, (gb if logit_bias is not None else None), None, None
+
+    return backward
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton ops (custom_op rather than triton_op: the latter fails under torch.compile and opcheck in the interpreter,
+# see STYLE.md). Same schemas as the C++ ops in csrc/registration.cpp.
+
+
+def _triton():
+    from ..kernels import contrastive as kernels
+
+    return kernels
+
+
+@torch.library.custom_op("pyvl::similarity_logits_triton", mutates_args=())
+def _similarity_triton(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                       normalize: bool) -> torch.Tensor:
+    return _triton().similarity_logits(a, b, scale, bias, normalize)
+
+
+@torch.library.custom_op("pyvl::contrastive_stats_triton", mutates_args=())
+def _stats_triton(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor | None,
+                  kind: int, diag_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _triton().contrastive_stats(x, y, logit_scale, logit_bias, kind, diag_offset)
+
+
+@torch.library.custom_op("pyvl::contrastive_stats_backward_triton", mutates_args=())
+def _stats_backward_triton(grad_row: torch.Tensor, grad_col: torch.Tensor, grad_diag: torch.Tensor, x: torch.Tensor,
+                           y: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor | None,
+                           row: torch.Tensor, col: torch.Tensor, kind: int, diag_offset: int
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _triton().contrastive_stats_backward(grad_row, grad_col, grad_diag, x, y, logit_scale, logit_bias, row, col,
+                                                kind, diag_offset)
+
+
+# backend family: (similarity op, statistics op, statistics backward op)
+_OPS = {
+    "compiled": ("similarity_logits", "contrastive_stats", "contrastive_stats_backward"),
+    "triton": ("similarity_logits_triton", "contrastive_stats_triton", "contrastive_stats_backward_triton"),
+}
 
 
 def _register():
-    torch.library.register_fake("pyvl::similarity_logits")(_fake_similarity)
-    torch.library.register_autograd("pyvl::similarity_logits", _similarity_backward, setup_context=_similarity_setup)
-    torch.library.register_fake("pyvl::contrastive_stats")(_fake_stats)
-    torch.library.register_fake("pyvl::contrastive_stats_backward")(_fake_stats_backward)
-    torch.library.register_autograd("pyvl::contrastive_stats", _stats_backward, setup_context=_stats_setup)
+    for sim, stats, stats_bwd in _OPS.values():
+        torch.library.register_fake(f"pyvl::{sim}")(_fake_similarity)
+        torch.library.register_autograd(f"pyvl::{sim}", _similarity_backward, setup_context=_similarity_setup)
+        torch.library.register_fake(f"pyvl::{stats}")(_fake_stats)
+        torch.library.register_fake(f"pyvl::{stats_bwd}")(_fake_stats_backward)
+        torch.library.register_autograd(f"pyvl::{stats}", _make_stats_backward(stats_bwd), setup_context=_stats_setup)
 
 
-if _ext.LOAD_ERROR is None:
-    _register()
+if _ext.LOAD_ERROR is not None:  # no compiled ops to register for; the Triton ops need no extension
+    _OPS.pop("compiled")
+_register()
+
+
+def _family(backend: str) -> str:
+    return "triton" if backend == "triton" else "compiled"
 
 
 def _stats_fn(backend: str):
     if backend == "reference":
         return ref.contrastive_stats
-    return torch.ops.pyvl.contrastive_stats.default
+    return getattr(torch.ops.pyvl, _OPS[_family(backend)][1]).default
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -192,8 +244,10 @@ def similarity_logits(a: torch.Tensor, b: torch.Tensor, scale=1.0, bias=None, no
 
     Leading dims broadcast (text features [templates, classes, d] against images [N, d] give
     [templates, classes, N]). normalize: L2 over the last dim with F.normalize's semantics (eps 1e-12), folded into
-    the GEMM's epilogue by the CPU kernel. scale: a float or a one-element tensor (it gets a gradient); bias: None,
-    a float or a one-element tensor. The output has a's dtype; gradients flow to a, b, scale and bias.
+    the GEMM's epilogue by the CPU and Triton kernels (the Triton kernel sums the squares in the same loop over d as
+    the dot products). scale: a float or a one-element tensor (it gets a gradient); bias: None, a float or a
+    one-element tensor. The output has a's dtype; gradients flow to a, b, scale and bias (for every backend the
+    backward is two batched matmuls in PyTorch, see _similarity_backward).
     """
     check_tensor("a", a)
     check_tensor("b", b, like=a)
@@ -218,7 +272,8 @@ def similarity_logits(a: torch.Tensor, b: torch.Tensor, scale=1.0, bias=None, no
     B = math.prod(batch)
     a3 = a.expand(*batch, N, d).reshape(B, N, d)
     b3 = b.expand(*batch, M, d).reshape(B, M, d)
-    out = torch.ops.pyvl.similarity_logits(a3, b3, _as_tensor(scale, a), _as_tensor(bias, a), normalize)
+    op = getattr(torch.ops.pyvl, _OPS[_family(chosen)][0])
+    out = op(a3, b3, _as_tensor(scale, a), _as_tensor(bias, a), normalize)
     return out.reshape(*batch, N, M)
 
 
@@ -313,7 +368,7 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
         group: None, or a torch.distributed process group over which the batch is split (every rank passes its n
             local rows, the same n and d everywhere); see the module docstring for what each rank's value and
             gradients are. All ranks must call with the same kind, backend and scale.
-        backend: None (PYVL_BACKEND, else the fastest that can run), "reference" or "cpu".
+        backend: None (PYVL_BACKEND, else the fastest that can run), "reference", "cpu" or "triton".
 
     Returns a 0-dim tensor of the features' dtype (computed in float32, or float64 for float64 features).
     """
