@@ -34,23 +34,15 @@ import torch.nn.functional as F
 
 from ._bench_window import WINDOW_OPS, window_cases
 from ._bench_contrastive import CONTRASTIVE_OPS, contrastive_cases
+from ._bench_coop import COOP_OPS, coop_cases
 from ._bench_probvlm import PROBVLM_OPS, probvlm_cases
 from ._bench_styleclip import STYLECLIP_OPS, styleclip_cases
 from ._bench_gnn import GNN_MODEL_OPS, GNN_OPS, gnn_cases
-from ._bench_coop import COOP_OPS, coop_cases
 
 OPS = ("depthwise_fwd", "depthwise_fwd_bwd", "dsconv2d_fwd", "mobilenet_v1") + WINDOW_OPS + ("sequential_attention",) \
-    + CONTRASTIVE_OPS
+    + CONTRASTIVE_OPS + COOP_OPS + PROBVLM_OPS + STYLECLIP_OPS + GNN_OPS
 # Whole-model cases: fewer repeats, and pyvl's default backend choice (what a user of the model gets).
-MODEL_OPS = ("mobilenet_v1", "swin_model")
-OPS += PROBVLM_OPS
-MODEL_OPS += PROBVLM_OPS
-OPS += STYLECLIP_OPS
-MODEL_OPS += STYLECLIP_OPS
-OPS += GNN_OPS
-MODEL_OPS += GNN_MODEL_OPS
-OPS += COOP_OPS
-MODEL_OPS += COOP_OPS
+MODEL_OPS = ("mobilenet_v1", "swin_model") + COOP_OPS + PROBVLM_OPS + STYLECLIP_OPS + GNN_MODEL_OPS
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
