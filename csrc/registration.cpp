@@ -43,6 +43,10 @@ TORCH_LIBRARY(pyvl, m) {
   m.def("contrastive_stats_backward(Tensor grad_row, Tensor grad_col, Tensor grad_diag, Tensor x, Tensor y,"
         " Tensor logit_scale, Tensor? logit_bias, Tensor row, Tensor col, int kind, int diag_offset) -> (Tensor grad_x,"
         " Tensor grad_y, Tensor grad_logit_scale, Tensor grad_logit_bias)");
+  // All-pairs shortest paths of a batch of unweighted graphs (adj bool [B, N, N], edge i -> j where adj[b, i, j]):
+  // dist and Floyd-Warshall's path matrix as Graphormer's algos.pyx gives them (int64 [B, N, N]; unreachable 510);
+  // csrc/cpu/shortest_paths.h states the tie-breaking. Integer outputs, no gradient.
+  m.def("shortest_paths(Tensor adj) -> (Tensor dist, Tensor path)");
 }
 
 // `import pyvl._C` loads this library, which runs the registrations above; the module itself is empty.

@@ -19,6 +19,7 @@ ENV_VAR = "PYVL_BACKEND"
 # Every public op (pyvl.ops), as `pyvl info` lists them; an op family appends its names when it lands.
 OPS = ("depthwise_conv2d", "dsconv2d", "window_attention", "sequential_attention", "similarity_logits",
        "contrastive_loss")
+OPS += ("shortest_paths",)
 # Ops that have Triton kernels (in pyvl.kernels); an op family adds its names here when its kernels land.
 TRITON_OPS = ("depthwise_conv2d", "dsconv2d", "sequential_attention", "window_attention")
 
