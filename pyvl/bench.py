@@ -34,11 +34,14 @@ import torch.nn.functional as F
 
 from ._bench_window import WINDOW_OPS, window_cases
 from ._bench_contrastive import CONTRASTIVE_OPS, contrastive_cases
+from ._bench_graph import GRAPH_MODEL_OPS, GRAPH_OPS, graph_cases
 
 OPS = ("depthwise_fwd", "depthwise_fwd_bwd", "dsconv2d_fwd", "mobilenet_v1") + WINDOW_OPS + ("sequential_attention",) \
     + CONTRASTIVE_OPS
+OPS += GRAPH_OPS
 # Whole-model cases: fewer repeats, and pyvl's default backend choice (what a user of the model gets).
 MODEL_OPS = ("mobilenet_v1", "swin_model")
+MODEL_OPS += GRAPH_MODEL_OPS
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -371,6 +374,7 @@ def cases(sizes: str = "quick", device: str | torch.device = "cpu", ops=OPS) -> 
     if "sequential_attention" in ops:
         out += _attention_cases(size.attention_n[dev])
     out += contrastive_cases(sizes, device, ops)
+    out += graph_cases(sizes, device, ops)
     # Stable order: the ops in the order asked, then the shapes in network order.
     return sorted(out, key=lambda c: ops.index(c.op) if c.op in ops else ops.index("sequential_attention"))
 

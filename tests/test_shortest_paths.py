@@ -76,6 +76,17 @@ def test_cpu_equals_reference(problem):
         assert bool((pad[:, :nb] == UNREACHABLE).all())
 
 
+@pytest.mark.parametrize("B,N", [(40, 30), (2, 140)])
+def test_cpu_threaded_schedules_equal_reference(B, N):
+    # Past 2^15 output entries the kernel runs threaded: whole graphs per thread when there are many, sources per
+    # thread when there are few.
+    problem = GraphProblem(B, N, tuple(range(N - B + 1, N + 1)) if B < N else (N,) * B, 0.04, False, "contiguous",
+                           B * N)
+    adj = problem.make_adj()
+    got, want = shortest_paths(adj, backend="cpu"), ref.shortest_paths(adj)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @given(graph_problems(max_n=25), st.integers(0, 7))
 def test_path_nodes_follow_the_path_matrix(problem, max_hops):
     adj = problem.make_adj()

@@ -28,8 +28,8 @@ def shortest_paths(adj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # official in-place loop.
         through_k = dist[:, :, k:k + 1] + dist[:, k:k + 1, :]
         better = dist > through_k
-        dist = torch.where(better, through_k, dist)
-        path = path.masked_fill(better, k)
+        dist = torch.minimum(dist, through_k)
+        path.masked_fill_(better, k)
     unreachable = dist >= UNREACHABLE
     return dist.masked_fill(unreachable, UNREACHABLE), path.masked_fill(unreachable, UNREACHABLE)
 
