@@ -1,5 +1,27 @@
-"""Real molecules for the graph tests: drugs, rings and cages, charged atoms, salts and other disconnected
-graphs, single atoms, a long chain."""
+"""Shared by the graph tests: real molecules (drugs, rings and cages, charged atoms, salts and other disconnected
+graphs, single atoms, a long chain) and Graphormer's Floyd-Warshall written out as loops."""
+
+UNREACHABLE = 510
+
+
+def loop_floyd_warshall(adj):
+    """Graphormer's algos.pyx floyd_warshall for one graph (adj: N x N truthy nested lists), as nested Python loops
+    over lists: (dist, path) as lists of lists."""
+    n = len(adj)
+    M = [[0 if i == j else (1 if adj[i][j] else UNREACHABLE) for j in range(n)] for i in range(n)]
+    P = [[-1] * n for _ in range(n)]
+    for k in range(n):
+        for i in range(n):
+            for j in range(n):
+                if M[i][j] > M[i][k] + M[k][j]:
+                    M[i][j] = M[i][k] + M[k][j]
+                    P[i][j] = k
+    for i in range(n):
+        for j in range(n):
+            if M[i][j] >= UNREACHABLE:
+                M[i][j] = P[i][j] = UNREACHABLE
+    return M, P
+
 
 SMILES = (
     "CC(=O)Oc1ccccc1C(=O)O",  # aspirin

@@ -12,7 +12,7 @@ from pyvl.graph import GraphormerBatch, convert_to_single_emb, graphormer_batch,
 from pyvl.models.graphormer import Graphormer, from_fairseq_state_dict
 from pyvl.reference.shortest_paths import UNREACHABLE, path_nodes
 
-from _molecules import SMILES
+from _molecules import SMILES, loop_floyd_warshall
 
 pytest.importorskip("ogb")
 
@@ -47,22 +47,6 @@ def _tiny(**kw):
 # The input: the official preprocess_item + collator, written out with loops over lists
 
 
-def _loop_fw(adj):
-    n = len(adj)
-    M = [[0 if i == j else (1 if adj[i][j] else 510) for j in range(n)] for i in range(n)]
-    P = [[-1] * n for _ in range(n)]
-    for k in range(n):
-        for i in range(n):
-            for j in range(n):
-                if M[i][j] > M[i][k] + M[k][j]:
-                    M[i][j], P[i][j] = M[i][k] + M[k][j], k
-    for i in range(n):
-        for j in range(n):
-            if M[i][j] >= 510:
-                M[i][j] = P[i][j] = 510
-    return M, P
-
-
 def _official_item(g):
     """wrapper.py's preprocess_item on one OGB graph, as nested lists."""
     x = g["node_feat"].tolist()
@@ -74,7 +58,7 @@ def _official_item(g):
     for (u, v), f in zip(ei, ea):
         adj[u][v] = True
         aet[u][v] = [f[c] + 1 + 512 * c + 1 for c in range(Fe)]
-    M, P = _loop_fw(adj)
+    M, P = loop_floyd_warshall(adj)
     max_dist = max(max(r) for r in M)
     edge_input = [[[[-1] * Fe for _ in range(max_dist)] for _ in range(n)] for _ in range(n)]
     for i in range(n):
@@ -169,7 +153,7 @@ def _loop_bias(model, graphs_in_batch, multi_hop_max_dist, spatial_pos_max, N):
         n = g["num_nodes"]
         feat = {(u, v): f for (u, v), f in zip(g["edge_index"].T.tolist(), g["edge_feat"].tolist())}
         adj = [[(i, j) in feat for j in range(n)] for i in range(n)]
-        M, P = _loop_fw(adj)
+        M, P = loop_floyd_warshall(adj)
         out[b, :, 0, :] = t[:, None]  # the token's row (its padding columns stay -inf below)
         out[b, :, 1:, 0] = t[:, None]
         for i in range(n):

@@ -7,23 +7,7 @@ import torch
 
 from pyvl.reference.shortest_paths import UNREACHABLE, path_nodes, shortest_paths
 
-
-def _loop_floyd_warshall(adj):
-    """Graphormer's algos.pyx floyd_warshall for one graph, as nested Python loops over lists."""
-    n = len(adj)
-    M = [[0 if i == j else (1 if adj[i][j] else UNREACHABLE) for j in range(n)] for i in range(n)]
-    P = [[-1] * n for _ in range(n)]
-    for k in range(n):
-        for i in range(n):
-            for j in range(n):
-                if M[i][j] > M[i][k] + M[k][j]:
-                    M[i][j] = M[i][k] + M[k][j]
-                    P[i][j] = k
-    for i in range(n):
-        for j in range(n):
-            if M[i][j] >= UNREACHABLE:
-                M[i][j] = P[i][j] = UNREACHABLE
-    return M, P
+from _molecules import loop_floyd_warshall
 
 
 def _random_adj(rng, B, N, p, directed):
@@ -40,7 +24,7 @@ def test_matches_loop_floyd_warshall(N, p, directed):
     dist, path = shortest_paths(adj)
     assert dist.dtype == path.dtype == torch.int64
     for b in range(3):
-        M, P = _loop_floyd_warshall(adj[b].tolist())
+        M, P = loop_floyd_warshall(adj[b].tolist())
         assert dist[b].tolist() == M
         assert path[b].tolist() == P
 
