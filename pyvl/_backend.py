@@ -138,9 +138,10 @@ _CPU_ORDER["window_attention"] = ("cpu", "reference")
 # 32 MiB of peak RSS growth against its 1061 MiB; the C++ similarity logits ran 2.4x faster than eager
 # normalize + matmul on CLIP zero-shot shapes (1000 or 7 x 100 classes against 256 images, d = 512).
 _CPU_ORDER.update({"similarity_logits": ("cpu", "reference"), "contrastive_loss": ("cpu", "reference")})
-# shortest_paths (`pyvl bench --ops shortest_paths`, 2-core machine at load 10, 2026-11-23): the C++ BFS ran 64x the
-# PyTorch Floyd-Warshall reference on 256 molecule-sized graphs (10-45 nodes, 71 vs 4573 ms) and 3.2x SciPy's csgraph
-# BFS (which returns predecessors, not Graphormer's path matrix); so the C++ kernel goes first.
+# shortest_paths (OMP_NUM_THREADS=1 pyvl bench --ops shortest_paths --repeats 5, 2-core machine at load 7,
+# 2026-11-23): on 256 molecule-sized graphs (10-45 nodes) the C++ BFS took 16.8 ms, 29x less than the PyTorch
+# Floyd-Warshall reference, 17x NumPy Floyd-Warshall, 10x SciPy's csgraph BFS; on 4 graphs of 150-250 nodes 51x NumPy
+# Floyd-Warshall, 7x SciPy. So the C++ kernel goes first.
 _CPU_ORDER["shortest_paths"] = ("cpu", "reference")
 
 
