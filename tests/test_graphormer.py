@@ -14,8 +14,6 @@ from pyvl.reference.shortest_paths import UNREACHABLE, path_nodes
 
 from _molecules import SMILES, loop_floyd_warshall
 
-pytest.importorskip("ogb")
-
 # A mix with a salt, single atoms, fused rings and a chain longer than multi_hop_max_dist.
 BATCH = ("CC(=O)Oc1ccccc1C(=O)O", "[Na+].[Cl-]", "C", "CCCCCCCCCCCC", "C12C3C4C1C5C2C3C45", "N.N.Cl[Pt]Cl",
          "[O-][N+](=O)c1ccccc1")
@@ -23,6 +21,7 @@ BATCH = ("CC(=O)Oc1ccccc1C(=O)O", "[Na+].[Cl-]", "C", "CCCCCCCCCCCC", "C12C3C4C1
 
 @pytest.fixture(scope="module")
 def graphs():
+    pytest.importorskip("ogb")
     return {s: smiles_to_graph(s) for s in SMILES + BATCH}
 
 
@@ -118,6 +117,13 @@ def test_batch_accepts_pyg_style_objects(graphs):
     data = [SimpleNamespace(x=g["node_feat"], edge_index=g["edge_index"], edge_attr=g["edge_feat"]) for g in gs]
     a, b = graphormer_batch(gs), graphormer_batch(data)
     assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in vars(a))
+
+
+def test_smiles_without_ogb_says_what_to_install(monkeypatch):
+    # pyvl.graph itself imports without ogb and rdkit (this module imported it); only smiles_to_graph needs them.
+    monkeypatch.setitem(__import__("sys").modules, "ogb.utils", None)
+    with pytest.raises(ImportError, match=r"pip install ogb rdkit"):
+        smiles_to_graph("CCO")
 
 
 def test_input_errors(graphs):
