@@ -321,6 +321,19 @@ def test_fully_masked_rows_give_zero_not_nan(graphs):
             assert torch.isfinite(model.forward_features(hand)).all()
 
 
+def test_attention_dropout_in_training_takes_the_eager_path(graphs):
+    # The fused op has no dropout on the probabilities: with attention_dropout > 0 a training step runs the plain
+    # softmax path (different draws each call); in eval both paths give the same logits.
+    model = _tiny(attention_dropout=0.5).train()
+    batch = graphormer_batch([graphs[s] for s in BATCH[:3]])
+    a, b = model(batch), model(batch)
+    assert torch.isfinite(a).all() and not torch.equal(a, b)
+    model.eval()
+    eager = _tiny(attention_dropout=0.5, attention="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch), eager(batch), rtol=1e-5, atol=1e-6)
+
+
 def test_compile_fullgraph(graphs):
     model = _tiny(num_hidden_layers=1)
     batch = vars(graphormer_batch([graphs[s] for s in BATCH[:3]]))

@@ -4,7 +4,7 @@ Paper: Chengxuan Ying, Tianle Cai, Shengjie Luo, Shuxin Zheng, Guolin Ke, Di He,
 "Do Transformers Really Perform Bad for Graph Representation?", NeurIPS 2021, arXiv:2106.05234.
 Official code: microsoft/Graphormer (v1: graphormer/model.py; v2: graphormer/modules/graphormer_layers.py,
 graphormer_graph_encoder.py, models/graphormer.py); HuggingFace port: transformers 4.x models/graphormer
-(models/deprecated/graphormer from 4.41 on).
+(checked against 4.40.2; later releases moved it to models/deprecated/graphormer).
 
 Input: pyvl.graph.graphormer_batch (OGB molecules, the official collator's padded tensors). The model:
 - node features: the sum of the embeddings of the 9 offset atom features (one table, padding row 0) plus the
