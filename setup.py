@@ -93,6 +93,7 @@ def main():
             "pyvl.interop",
             "pyvl.testing",
             "pyvl.kernels",
+            "pyvl.graph",
         ],
         package_dir={"pyvl.kernels": "kernels"},
         python_requires=">=3.10",

@@ -46,6 +46,10 @@ TORCH_LIBRARY(pyvl, m) {
   // Message passing (GIN with edge features): out[i] = sum over edges e with dst[e] == i of (x[src[e]] + edge_attr[e]);
   // x [N, d], src / dst int64 [E], edge_attr [E, d] or None, out [num_out, d]. Backward in pyvl/ops/message_passing.py.
   m.def("gather_scatter_add(Tensor x, Tensor src, Tensor dst, Tensor? edge_attr, int num_out) -> Tensor");
+  // All-pairs shortest paths of a batch of unweighted graphs (adj bool [B, N, N], edge i -> j where adj[b, i, j]):
+  // dist and Floyd-Warshall's path matrix as Graphormer's algos.pyx gives them (int64 [B, N, N]; unreachable 510);
+  // csrc/cpu/shortest_paths.h states the tie-breaking. Integer outputs, no gradient.
+  m.def("shortest_paths(Tensor adj) -> (Tensor dist, Tensor path)");
 }
 
 // `import pyvl._C` loads this library, which runs the registrations above; the module itself is empty.

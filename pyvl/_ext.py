@@ -21,6 +21,7 @@ COMPILED_OPS = ("depthwise_conv2d", "dsconv2d", "sequential_attention", "sequent
 COMPILED_OPS += ("gather_scatter_add",)
 # The compiled ops that have CUDA sources (csrc/cuda/); a CUDA build must carry a CUDA kernel for each. The others
 # are CPU-only (their GPU backend is Triton).
+COMPILED_OPS += ("shortest_paths",)
 CUDA_OPS = ("depthwise_conv2d", "dsconv2d")
 # Public ops whose kernels have another name in pyvl._C.
 KERNEL_OF = {"contrastive_loss": "contrastive_stats"}

@@ -38,11 +38,12 @@ from ._bench_coop import COOP_OPS, coop_cases
 from ._bench_probvlm import PROBVLM_OPS, probvlm_cases
 from ._bench_styleclip import STYLECLIP_OPS, styleclip_cases
 from ._bench_gnn import GNN_MODEL_OPS, GNN_OPS, gnn_cases
+from ._bench_graph import GRAPH_MODEL_OPS, GRAPH_OPS, graph_cases
 
 OPS = ("depthwise_fwd", "depthwise_fwd_bwd", "dsconv2d_fwd", "mobilenet_v1") + WINDOW_OPS + ("sequential_attention",) \
-    + CONTRASTIVE_OPS + COOP_OPS + PROBVLM_OPS + STYLECLIP_OPS + GNN_OPS
+    + CONTRASTIVE_OPS + COOP_OPS + PROBVLM_OPS + STYLECLIP_OPS + GRAPH_OPS + GNN_OPS
 # Whole-model cases: fewer repeats, and pyvl's default backend choice (what a user of the model gets).
-MODEL_OPS = ("mobilenet_v1", "swin_model") + COOP_OPS + PROBVLM_OPS + STYLECLIP_OPS + GNN_MODEL_OPS
+MODEL_OPS = ("mobilenet_v1", "swin_model") + COOP_OPS + PROBVLM_OPS + STYLECLIP_OPS + GRAPH_MODEL_OPS + GNN_MODEL_OPS
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -379,6 +380,7 @@ def cases(sizes: str = "quick", device: str | torch.device = "cpu", ops=OPS) -> 
     out += styleclip_cases(sizes, device, ops)
     out += gnn_cases(sizes, device, ops)
     out += coop_cases(sizes, device, ops)
+    out += graph_cases(sizes, device, ops)
     # Stable order: the ops in the order asked, then the shapes in network order.
     return sorted(out, key=lambda c: ops.index(c.op) if c.op in ops else ops.index("sequential_attention"))
 

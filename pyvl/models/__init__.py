@@ -1,6 +1,7 @@
 """One model per paper, built on pyvl.nn and pyvl.ops."""
 from .clip import CLIP, ZeroShotClassifier, create_clip, zero_shot_weights
 from .coop import CoOp, PromptLearner, load_coop_checkpoint, train_coop
+from .graphormer import Graphormer, graphormer_base, graphormer_slim
 from .mobilenet_v1 import MobileNetV1, mobilenet_v1
 from .pretrain_gnn import GNN, GNNGraphPred
 from .probvlm import ProbAdapter, ProbVLM
@@ -21,5 +22,5 @@ __all__ = [
     "ProbAdapter", "ProbVLM",
     "StyleGAN2Generator", "LatentOptimizer", "LevelsMapper", "optimize_latent",
     # graphs
-    "GNN", "GNNGraphPred",
+    "Graphormer", "graphormer_base", "graphormer_slim", "GNN", "GNNGraphPred",
 ]

@@ -4,7 +4,7 @@ from .sequential_attention import sequential_attention
 from .window_attention import window_attention
 from .contrastive import contrastive_loss, similarity_logits
 from .message_passing import gather_scatter_add
+from .shortest_paths import shortest_path_nodes, shortest_paths
 
-__all__ = ["contrastive_loss", "depthwise_conv2d", "dsconv2d", "fold_batch_norm", "sequential_attention",
-           "similarity_logits", "window_attention"]
-__all__ += ["gather_scatter_add"]
+__all__ = ["contrastive_loss", "depthwise_conv2d", "dsconv2d", "fold_batch_norm", "gather_scatter_add",
+           "sequential_attention", "shortest_path_nodes", "shortest_paths", "similarity_logits", "window_attention"]
