@@ -18,10 +18,9 @@ except ImportError as e:  # pragma: no cover - exercised only on a broken instal
 # the lookup is a dict access that torch.compile traces without a graph break.
 COMPILED_OPS = ("depthwise_conv2d", "dsconv2d", "sequential_attention", "sequential_attention_backward",
                 "window_attention", "similarity_logits", "contrastive_stats", "contrastive_stats_backward")
-COMPILED_OPS += ("gather_scatter_add",)
+COMPILED_OPS += ("gather_scatter_add", "shortest_paths")
 # The compiled ops that have CUDA sources (csrc/cuda/); a CUDA build must carry a CUDA kernel for each. The others
-# are CPU-only (their GPU backend is Triton).
-COMPILED_OPS += ("shortest_paths",)
+# are CPU-only (their GPU backend is Triton, or the reference where there is none).
 CUDA_OPS = ("depthwise_conv2d", "dsconv2d")
 # Public ops whose kernels have another name in pyvl._C.
 KERNEL_OF = {"contrastive_loss": "contrastive_stats"}

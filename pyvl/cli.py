@@ -69,20 +69,21 @@ def info(argv=None) -> int:
         why = _backend.availability(backend)
         print(f"  {backend:<10} {'available' if why is None else 'unavailable: ' + why}")
 
-    print("\nops        backend    status")
+    print("\nops                    backend    status")
     for op in _backend.OPS:
         for backend in _backend.BACKENDS:
             if backend == "reference":
                 status = "PyTorch eager; the ground truth"
-            elif backend in ("cpu", "cuda") and _ext.KERNEL_OF.get(op, op) not in _ext.COMPILED_OPS:
-                print(f"  {op:<18} {backend:<10} no {'C++' if backend == 'cpu' else 'CUDA'} kernel")
+            elif backend == "cpu" and _ext.KERNEL_OF.get(op, op) not in _ext.COMPILED_OPS \
+                    or backend == "cuda" and _ext.KERNEL_OF.get(op, op) not in _ext.CUDA_OPS:
+                print(f"  {op:<20} {backend:<10} no {'C++' if backend == 'cpu' else 'CUDA'} kernel")
                 continue
             elif backend == "cpu":
                 status = "built" if _ext.has_kernel(op, "CPU") else "not built"
             elif backend == "cuda":
                 status = "built" if _ext.has_kernel(op, "CUDA") else "not built"
             elif op not in _backend.TRITON_OPS:
-                print(f"  {op:<18} {backend:<10} no Triton kernel")
+                print(f"  {op:<20} {backend:<10} no Triton kernel")
                 continue
             else:
                 status = _aot_status(op, aot)
@@ -93,7 +94,7 @@ def info(argv=None) -> int:
                 else:
                     verdict = "verified" if record["passed"] else "FAILED"
                     status += f"; {verdict} on {record['device']} ({record['date']}, {str(record['commit'])[:10]})"
-            print(f"  {op:<18} {backend:<10} {status}")
+            print(f"  {op:<20} {backend:<10} {status}")
     return 0
 
 
