@@ -1,5 +1,6 @@
 """The per-process body of tests/test_contrastive.py's distributed test (a light module: every spawned process
-imports it). Each rank writes the list of its failed checks to out_dir/rank<r>.json."""
+imports it), and of tests/triton/test_contrastive_triton.py's with backends=("triton",) in float32. Each rank writes
+the list of its failed checks to out_dir/rank<r>.json."""
 import json
 import os
 
@@ -10,15 +11,17 @@ from pyvl.ops import contrastive_loss
 from pyvl.reference import contrastive as ref
 
 
-def worker(rank, world, init_file, out_dir, n, d, with_open_clip):
+def worker(rank, world, init_file, out_dir, n, d, with_open_clip, backends=None, dtype=torch.float64, tol=1e-10):
+    """backends: those to check (default: reference, and cpu where the extension loads); dtype: of the per-rank
+    inputs (the single-process truth is float64); tol: relative tolerance of the loss and feature gradients."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     failures = []
 
-    def close(name, got, want, tol=1e-10):
-        err = float((got.detach() - want.detach()).abs().max())
+    def close(name, got, want, tol=tol):
+        err = float((got.detach().double() - want.detach()).abs().max())
         if not err <= tol * max(1.0, float(want.detach().abs().max())):
             failures.append(f"rank {rank}: {name}: max error {err:.3e}")
 
@@ -28,7 +31,8 @@ def worker(rank, world, init_file, out_dir, n, d, with_open_clip):
     Y = torch.randn(world * n, d, generator=g, dtype=torch.float64)
     X, Y = X / X.norm(dim=1, keepdim=True), Y / Y.norm(dim=1, keepdim=True)
     rows = slice(rank * n, (rank + 1) * n)
-    backends = ["reference"] + (["cpu"] if _ext.LOAD_ERROR is None else [])
+    if backends is None:
+        backends = ["reference"] + (["cpu"] if _ext.LOAD_ERROR is None else [])
     for kind in ("softmax", "sigmoid"):
         # The single-process loss over the global batch, and its gradients.
         leaves = [X.clone().requires_grad_(), Y.clone().requires_grad_(),
@@ -37,9 +41,9 @@ def worker(rank, world, init_file, out_dir, n, d, with_open_clip):
         single = ref.contrastive_loss(*leaves, kind)
         g_single = torch.autograd.grad(single, leaves)
         for backend in backends:
-            local = [X[rows].clone().requires_grad_(), Y[rows].clone().requires_grad_(),
-                     torch.tensor(7.0, dtype=torch.float64, requires_grad=True),
-                     torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)]
+            local = [X[rows].to(dtype).requires_grad_(), Y[rows].to(dtype).requires_grad_(),
+                     torch.tensor(7.0, dtype=dtype, requires_grad=True),
+                     torch.tensor(-3.0, dtype=dtype, requires_grad=True)]
             loss = contrastive_loss(*local, kind=kind, group=group, backend=backend)
             grads = torch.autograd.grad(loss, local)
             total = loss.detach().clone()
@@ -51,7 +55,7 @@ def worker(rank, world, init_file, out_dir, n, d, with_open_clip):
                 summed = grads[i].detach().clone()
                 dist.all_reduce(summed)
                 close(f"{kind}/{backend} grad {name} summed over ranks", summed / world, g_single[i],
-                      tol=1e-9)
+                      tol=10 * tol)
             if kind == "softmax" and with_open_clip:
                 try:
                     from open_clip.loss import ClipLoss

@@ -6,7 +6,6 @@ criterion; the statistics op alone with any cotangents and the off-diagonal bloc
 opcheck, torch.compile(fullgraph=True) and two gloo processes with backend="triton".
 """
 import json
-import os
 
 import pytest
 import torch
@@ -21,10 +20,7 @@ from pyvl.testing import strategies as pst  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
-if DEVICE == "cpu" and not INTERPRET:
-    pytest.skip("no CUDA device and TRITON_INTERPRET is not set", allow_module_level=True)
+from _triton_env import DEVICE  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16)
 
@@ -163,9 +159,10 @@ def test_compile_fullgraph(kind):
 def test_distributed_two_processes(tmp_path):
     import torch.multiprocessing as mp
 
-    from _contrastive_dist_triton import worker
+    from _contrastive_dist import worker  # tests/, on sys.path through its conftest
 
-    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path), 9, 8), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path), 9, 8, False, ("triton",), torch.float32, 2e-5),
+             nprocs=2, join=True)
     failures = []
     for r in range(2):
         failures += json.loads((tmp_path / f"rank{r}.json").read_text())

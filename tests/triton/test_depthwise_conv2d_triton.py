@@ -3,7 +3,6 @@
 Shapes stay tiny and parametrizations few: the interpreter runs a program per tile in numpy.
 """
 import importlib
-import os
 
 import pytest
 import torch
@@ -16,10 +15,7 @@ D = importlib.import_module("pyvl.ops.depthwise_conv2d")
 
 pytestmark = pytest.mark.triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
-if DEVICE == "cpu" and not INTERPRET:
-    pytest.skip("no CUDA device and TRITON_INTERPRET is not set", allow_module_level=True)
+from _triton_env import DEVICE  # noqa: E402
 
 _assert_close = pyvl.testing.assert_close_to_reference  # the error criterion of DESIGN.md
 

@@ -3,7 +3,6 @@
 Shapes stay small and parametrizations few: the interpreter runs a program per tile in numpy.
 """
 import math
-import os
 
 import pytest
 import torch
@@ -16,10 +15,7 @@ from pyvl.testing import assert_close_to_reference, assert_gradients_close_to_re
 
 pytestmark = pytest.mark.triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
-if DEVICE == "cpu" and not INTERPRET:
-    pytest.skip("no CUDA device and TRITON_INTERPRET is not set", allow_module_level=True)
+from _triton_env import DEVICE  # noqa: E402
 
 BACKEND = "triton"
 

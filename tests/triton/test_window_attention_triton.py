@@ -6,7 +6,6 @@ views of one qkv projection or strided heads); forward and every gradient go thr
 interpreter runs one program per (batch, window, head) in numpy, so problems stay small: the strategy's token
 budget is low and a window of more than 64 tokens (the multi-block path) appears in a few fixed cases.
 """
-import os
 
 import pytest
 import torch
@@ -22,10 +21,7 @@ from pyvl.testing import strategies as pst  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
-if DEVICE == "cpu" and not INTERPRET:
-    pytest.skip("no CUDA device and TRITON_INTERPRET is not set", allow_module_level=True)
+from _triton_env import DEVICE  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16)
 
