@@ -127,6 +127,9 @@ class Built:
     nbytes: int | None  # bytes a perfect kernel moves once (inputs + weights + outputs); None: not meaningful
     backend: str | None = None  # the pyvl backend that runs, as pyvl chose it
     skipped: dict = field(default_factory=dict)  # peer name -> why that peer cannot run here (the others still do)
+    # name -> callable: yardsticks for the fastest any kernel could be, timed in the same run beside pyvl and
+    # the peers. run_case adds a copy of `nbytes` to every case that sets nbytes.
+    floors: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -233,9 +236,15 @@ def _dsconv2d_fwd(N, s: DwShape):
             return pyvl.ops.dsconv2d(x, dw, pw, dw_b, pw_b, stride=s.stride, padding=1, backend=backend)
 
         y = torch_block(x)
+        # The pointwise 1x1 alone, as one torch.mm into a preallocated output: the block cannot run faster than its
+        # matmul does in PyTorch's BLAS (unless pyvl's micro-kernel beat that BLAS, which the floor would then show).
+        a = torch.randn(y.numel() // s.C_out, s.C, generator=gen).to(device, dtype)
+        pw_t = pw.reshape(s.C_out, s.C).t().contiguous()
+        mm_out = torch.empty(a.shape[0], s.C_out, device=device, dtype=dtype)
         return Built(run_pyvl, {"torch channels_last": lambda: torch_block(x),
                                 "torch nchw": lambda: torch_block(x_nchw)},
-                     _nbytes(x, dw, dw_b, pw, pw_b, y), chosen)
+                     _nbytes(x, dw, dw_b, pw, pw_b, y), chosen,
+                     floors={"pointwise torch.mm": lambda: torch.mm(a, pw_t, out=mm_out)})
 
     return build
 
@@ -526,13 +535,23 @@ def subprocess_peak_memory(builder: str, kwargs: dict, name: str, device, dtype,
         return None
 
 
+def _copy_fn(nbytes: int, device, dtype):
+    """A copy that moves `nbytes` (half read, half written) between two preallocated buffers."""
+    n = max(1, nbytes // (2 * torch.empty((), dtype=dtype).element_size()))
+    src = torch.ones(n, dtype=dtype, device=device)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
 def copy_bandwidth(device, dtype, mib: int, repeats: int = 5) -> float:
-    """The machine's copy GB/s in this run, from x.clone() of a tensor larger than the last-level cache: the
-    yardstick for the memory-bound depthwise kernels. Counts one read and one write. clone() allocates, as the
-    ops under test allocate their outputs, so first-touch page faults weigh on both alike."""
-    x = torch.ones(mib * 2**20 // torch.empty((), dtype=dtype).element_size(), dtype=dtype, device=device)
-    times = time_interleaved({"clone": x.clone}, device, warmup=1, repeats=repeats)[0]["clone"]
-    return 2 * x.numel() * x.element_size() / statistics.median(times) / 1e9
+    """The machine's main-memory copy GB/s in this run: dst.copy_(src) over preallocated buffers larger than the
+    last-level cache, counting one read and one write. (x.clone() measured 3-4x lower on the development machine:
+    each call mmaps fresh pages and pays their first-touch faults, which the ops' outputs, reused by the
+    allocator, do not.) Every case with a byte count also times a copy of its own size, in cache or not as the
+    case is; that is the yardstick its "of copy" and "ceiling" columns use."""
+    fn = _copy_fn(2 * mib * 2**20, device, dtype)
+    times = time_interleaved({"copy": fn}, device, warmup=1, repeats=repeats)[0]["copy"]
+    return 2 * mib * 2**20 / statistics.median(times) / 1e9
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -608,33 +627,44 @@ def run_case(case: Case, device, dtype, backend, warmup, repeats, copy_gbps, max
     except Exception as e:  # noqa: BLE001  (one broken case must not lose the others' results)
         return [dict(base, peer=None, status="error", reason=f"{type(e).__name__}: {e}")]
     skipped = [dict(base, peer=p, status="skipped", reason=r) for p, r in built.skipped.items()]
-    fns = {"pyvl": built.pyvl, **built.peers}
+    floors = dict(built.floors)
+    if built.nbytes:
+        floors["copy"] = _copy_fn(built.nbytes, device, dtype)
+    fns = {"pyvl": built.pyvl, **built.peers, **{f"floor: {k}": f for k, f in floors.items()}}
     try:
         times, warmup_only = time_interleaved(fns, device, warmup, repeats, min_repeat_s=min_repeat_s,
                                               max_case_s=max_case_s)
-        peaks = {n: peak_memory(f, device) for n, f in fns.items()}
+        timed = {"pyvl": built.pyvl, **built.peers}
+        peaks = {n: peak_memory(f, device) for n, f in timed.items()}
         if device.type == "cpu" and case.memory_probe is not None:
             builder, kwargs, warmup_kwargs = case.memory_probe
             peaks = {n: subprocess_peak_memory(builder, kwargs, n, device, dtype, backend, warmup_kwargs)
-                     for n in fns}
+                     for n in timed}
     except Exception as e:  # noqa: BLE001
         return [dict(base, peer=p, status="error", reason=f"{type(e).__name__}: {e}") for p in built.peers] + skipped
     finally:
         del fns
 
+    floor_ms = {k: statistics.median(times[f"floor: {k}"]) * 1e3 for k in floors}
+    floor = max(floor_ms.values()) if floor_ms else None
+
     def stats(name):
         t = statistics.median(times[name])
         gbps = built.nbytes / t / 1e9 if built.nbytes else None
         return {"ms": t * 1e3, "repeats": len(times[name]), "times_ms": [x * 1e3 for x in times[name]], "gbps": gbps,
-                "frac_copy": gbps / copy_gbps if gbps is not None else None,
+                # the speed of a copy of the same bytes (same footprint, so the same cache level) over this speed
+                "frac_copy": floor_ms["copy"] / (t * 1e3) if "copy" in floor_ms else None,
                 "peak_mib": peaks[name] / 2**20 if peaks[name] is not None else None}
 
     ours = stats("pyvl")
     rows = []
     for peer in built.peers:
         theirs = stats(peer)
+        # ceiling: the ratio pyvl would show if it ran as fast as the slowest floor (a kernel that moves its bytes
+        # at copy speed and, for the fused block, does its matmul as fast as torch.mm); no kernel gets above it.
         rows.append(dict(base, peer=peer, status="ok", backend=built.backend, bytes=built.nbytes,
-                         warmup_only=warmup_only,
+                         warmup_only=warmup_only, floors_ms=floor_ms,
+                         ceiling=theirs["ms"] / floor if floor else None,
                          pyvl=ours, peer_stats=theirs, ratio=theirs["ms"] / ours["ms"]))
     return rows + skipped
 
@@ -657,6 +687,8 @@ def geomeans(rows) -> dict:
         out[key] = {"geomean": math.exp(sum(logs) / len(logs)),
                     "geomean_network_weighted": math.exp(sum(w * l for w, l in zip(weights, logs)) / sum(weights)),
                     "shapes": len(rs)}
+        if all(r.get("ceiling") for r in rs):
+            out[key]["ceiling_geomean"] = math.exp(sum(math.log(r["ceiling"]) for r in rs) / len(rs))
     return out
 
 
@@ -665,8 +697,8 @@ def _fmt(v, spec):
 
 
 def format_table(rows, means, copy_gbps) -> str:
-    header = ("op", "pyvl layout", "peer", "shape", "x", "pyvl ms", "peer ms", "ratio", "pyvl GB/s", "of copy",
-              "peer GB/s", "pyvl peak MiB", "peer peak MiB")
+    header = ("op", "pyvl layout", "peer", "shape", "x", "pyvl ms", "peer ms", "ratio", "ceiling", "pyvl GB/s",
+              "of copy", "peer GB/s", "pyvl peak MiB", "peer peak MiB")
     lines = []
     for r in rows:
         if r["status"] != "ok":
@@ -676,7 +708,8 @@ def format_table(rows, means, copy_gbps) -> str:
             continue
         p, q = r["pyvl"], r["peer_stats"]
         lines.append((r["op"], r["layout"], r["peer"], r["shape"], str(r["count"]), _fmt(p["ms"], ".3f"),
-                      _fmt(q["ms"], ".3f"), _fmt(r["ratio"], ".2f"), _fmt(p["gbps"], ".3g"),
+                      _fmt(q["ms"], ".3f"), _fmt(r["ratio"], ".2f"), _fmt(r.get("ceiling"), ".2f"),
+                      _fmt(p["gbps"], ".3g"),
                       _fmt(p["frac_copy"], ".0%"), _fmt(q["gbps"], ".3g"), _fmt(p["peak_mib"], ".1f"),
                       _fmt(q["peak_mib"], ".1f")))
     widths = [len(h) for h in header]
@@ -696,7 +729,10 @@ def format_table(rows, means, copy_gbps) -> str:
     text.append("ratio = peer time / pyvl time (> 1: pyvl faster); times are medians; x = MobileNetV1 layers "
                 "with that shape")
     text.append(f"GB/s counts inputs + weights + outputs once (fwd+bwd: also grad_out, grad_x, grad_w); "
-                f"copy bandwidth this run: {copy_gbps:.1f} GB/s (x.clone())")
+                f"of copy = pyvl's speed over that of a copy of the same bytes timed in the same case "
+                f"(main-memory copy this run: {copy_gbps:.1f} GB/s)")
+    text.append("ceiling = peer time / floor time: the ratio a kernel running at the floor would show; the floor is a "
+                "copy of the case's bytes (and, for dsconv2d, its pointwise matmul in torch.mm), whichever is slower")
     slow = [f"{r['op']} {r['shape']}" for r in rows if r.get("warmup_only")]
     if slow:
         text.append(f"timed from the warmup call only (one call far over the per-case budget): {', '.join(slow)}")
@@ -706,11 +742,13 @@ def format_table(rows, means, copy_gbps) -> str:
         text.append("CPU peak memory: growth of the peak resident set during one call, each in a fresh process "
                     "(subprocess_peak_memory); n/a for the other ops")
     text.append("")
-    text.append("geometric mean of ratios per group (distinct shapes / weighted by MobileNetV1 layer count):")
+    text.append("geometric mean of ratios per group (distinct shapes / weighted by MobileNetV1 layer count; "
+                "ceiling over distinct shapes):")
     kw = max((len(k) for k in means), default=0)
     for key, m in means.items():
+        ceiling = f"   ceiling {m['ceiling_geomean']:6.2f}" if "ceiling_geomean" in m else ""
         text.append(f"  {key.ljust(kw)}  {m['geomean']:6.2f}  {m['geomean_network_weighted']:6.2f}"
-                    f"   ({m['shapes']} shapes)")
+                    f"   ({m['shapes']} shapes){ceiling}")
     return "\n".join(text)
 
 

@@ -47,15 +47,17 @@ def test_gradcheck_float64(bias_shape):
     assert torch.autograd.gradcheck(lambda *a: sequential_attention(*a, backend=BACKEND), args, fast_mode=True)
 
 
-def test_gradcheck_across_blocks():
+@pytest.mark.parametrize("B, H, bias_shape", [(1, 1, (50, 100)), (2, 3, (2, 3, 50, 100))])
+def test_gradcheck_across_blocks(B, H, bias_shape):
     # N and M past one query block (48) and one key block (96) of the C++ kernels, so partial tiles and the
-    # online softmax's rescaling are exercised.
+    # online softmax's rescaling are exercised; one bias group takes the two-pass backward, six (a bias per head)
+    # the single-pass one.
     g = torch.Generator().manual_seed(1)
 
     def t(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
 
-    args = (t(1, 1, 50, 3), t(1, 1, 100, 3), t(1, 1, 100, 2), t(50, 100))
+    args = (t(B, H, 50, 3), t(B, H, 100, 3), t(B, H, 100, 2), t(*bias_shape))
     assert torch.autograd.gradcheck(lambda *a: sequential_attention(*a, backend=BACKEND), args, fast_mode=True)
 
 
@@ -93,22 +95,34 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("bias_shape", [(40, 70), (2, 1, 40, 70)])
-def test_deterministic_bitwise(bias_shape):
+@pytest.mark.parametrize("N, M", [(40, 70), (100, 130)])
+@pytest.mark.parametrize("bias_shape", ["NM", "B1NM", "BHNM"])
+def test_deterministic_bitwise(N, M, bias_shape):
+    # Run to run, and across thread counts: the C++ backward takes a single pass when there are at least two bias
+    # groups per thread (or every head is one tile) and two passes otherwise, so 1 and 2 threads can take different
+    # paths for the same problem. Both add in the same order, so the results must be bitwise equal.
     g = torch.Generator().manual_seed(4)
-    q, k, v = torch.randn(2, 3, 40, 16, generator=g), torch.randn(2, 3, 70, 16, generator=g), \
-        torch.randn(2, 3, 70, 16, generator=g)
-    bias = torch.randn(bias_shape, generator=g)
-    grad = torch.randn(2, 3, 40, 16, generator=g)
+    q, k, v = torch.randn(2, 3, N, 16, generator=g), torch.randn(2, 3, M, 16, generator=g), \
+        torch.randn(2, 3, M, 16, generator=g)
+    bias = torch.randn({"NM": (N, M), "B1NM": (2, 1, N, M), "BHNM": (2, 3, N, M)}[bias_shape], generator=g)
+    grad = torch.randn(2, 3, N, 16, generator=g)
 
     def run():
         leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
         out = sequential_attention(*leaves, deterministic=True, backend=BACKEND)
         return (out,) + torch.autograd.grad(out, leaves, grad)
 
-    first, second = run(), run()
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+    threads = torch.get_num_threads()
+    try:
+        runs = [run(), run()]
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            runs.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
 
 
 def test_nan_policy():

@@ -8,8 +8,19 @@
 // passes cost one more Q K^T and dO V^T than a single pass with atomics, but every output has one owner: no
 // atomics, no per-thread partial buffers, and sums in a fixed order whatever the thread count.
 //
-// Tiles are zero-padded to the micro-kernel's 6 x 16 grid, so partial blocks need no separate code path.
+// Tiles are zero-padded to the micro-kernel's 6 x 16 grid, so partial blocks need no separate code path. The
+// element-wise work (scale, bias, exp, dS) runs over span(nk) = nk rounded up to 48 columns, not the whole kBK:
+// at Graphormer's 30-50 nodes a full 96-wide row was half or more padding.
+//
+// When there are at least two bias groups per thread (a group is a head when no bias gradient is wanted), or every
+// head is one tile, the backward takes a single pass instead of (A) + (B): one task per group computes each of
+// its heads' P and dS tiles once and derives dV, dK, dQ and dbias from them. Each head belongs to one group, so
+// the task owns every output it writes. Both paths add every sum in the same order (query blocks, key blocks,
+// heads in (b, h) order), so they give bitwise the same result; tests/test_sequential_attention.py checks it
+// across thread counts, which switch between them.
 #include "cpu/sequential_attention.h"
+
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -28,6 +39,13 @@ constexpr int64_t kBK = 96;  // keys per block: a multiple of kGemmMR, kGemmNR a
 static_assert(kBQ % kGemmMR == 0 && kBK % kGemmMR == 0 && kBK % kGemmNR == 0 && kBK % 8 == 0, "tile sizes");
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Columns of a tile row that the element-wise passes touch: nk rounded up to a multiple of both kGemmMR and
+// kGemmNR (so it covers the columns any GEMM reads or writes) and of the 8-lane exp.
+constexpr int64_t kSpanStep = 48;
+static_assert(kBK % kSpanStep == 0 && kSpanStep % kGemmMR == 0 && kSpanStep % kGemmNR == 0 && kSpanStep % 8 == 0,
+              "span step");
+inline int64_t span(int64_t nk) { return std::min(kBK, round_up(nk, kSpanStep)); }
 
 // ---------------------------------------------------------------------------------------------------------------
 // exp over a row. float: simd::exp8 (Cephes' expf, Cody-Waite reduction, about 1 ulp) on 8 lanes; glibc
@@ -89,17 +107,18 @@ void pack_rows(const T* src, int64_t src_ld, int64_t rows, int64_t cols, T* dst,
   }
 }
 
-// dst[cols][kBK] = the transpose of src rows [0, rows) (row stride src_ld, `cols` columns), zero-padded to kBK.
+// dst[cols][kBK] = the transpose of src rows [0, rows) (row stride src_ld, `cols` columns), zero-padded to
+// span(rows) (the columns a tile GEMM reads).
 template <typename T>
 void pack_transposed(const T* src, int64_t src_ld, int64_t rows, int64_t cols, T* dst) {
-  for (int64_t c = 0; c < cols; ++c) {
+  for (int64_t c = 0, e = span(rows); c < cols; ++c) {
     T* d = dst + c * kBK;
     for (int64_t r = 0; r < rows; ++r) d[r] = src[r * src_ld + c];
-    for (int64_t r = rows; r < kBK; ++r) d[r] = T(0);
+    for (int64_t r = rows; r < e; ++r) d[r] = T(0);
   }
 }
 
-// row[j] = scale * row[j] + bias[j * sm] for j < nk (bias may be null), -inf for nk <= j < kBK.
+// row[j] = scale * row[j] + bias[j * sm] for j < nk (bias may be null), -inf for nk <= j < span(nk).
 template <typename T>
 inline void scale_and_bias(T* row, int64_t nk, T scale, const T* bias, int64_t sm) {
   if (bias == nullptr) {
@@ -113,7 +132,7 @@ inline void scale_and_bias(T* row, int64_t nk, T scale, const T* bias, int64_t s
 #pragma omp simd
     for (int64_t j = 0; j < nk; ++j) row[j] = row[j] * scale + b;
   }
-  for (int64_t j = nk; j < kBK; ++j) row[j] = -std::numeric_limits<T>::infinity();
+  for (int64_t j = nk, e = span(nk); j < e; ++j) row[j] = -std::numeric_limits<T>::infinity();
 }
 
 template <typename T>
@@ -134,31 +153,114 @@ struct Scratch {
 };
 
 // The P and dS tiles of query rows [q0, q0+nq) x keys [k0, k0+nk) of head (b, h), from the packed q (sc.q),
-// dO (sc.o_or_do), k^T (sc.kt) and v^T (sc.vt): P = exp(scale * q k^T + bias - lse), dS = P * (dO v^T - delta).
-// Entries outside the tile are 0 in both.
+// dO (sc.o_or_do), k^T (kt, default sc.kt) and v^T (vt, default sc.vt):
+// P = exp(scale * q k^T + bias - lse), dS = P * (dO v^T - delta). Entries outside the tile are 0 in both.
 template <typename T>
 void prob_and_grad_tile(Scratch<T>& sc, const BiasView<T>& bias, const T* lse, const T* delta, int64_t b, int64_t h,
-                        int64_t q0, int64_t nq, int64_t k0, int64_t nk, const AttentionShape& s) {
+                        int64_t q0, int64_t nq, int64_t k0, int64_t nk, const AttentionShape& s,
+                        const T* kt = nullptr, const T* vt = nullptr) {
+  if (kt == nullptr) kt = sc.kt.data();
+  if (vt == nullptr) vt = sc.vt.data();
   const T scale = T(s.scale);
-  const int64_t rows = round_up(nq, kGemmMR), cols = round_up(nk, kGemmNR);
+  const int64_t rows = round_up(nq, kGemmMR), cols = round_up(nk, kGemmNR), w = span(nk);
   T* P = sc.p.data();
   T* dS = sc.dp.data();
-  tile_gemm<T>(rows, cols, s.D, sc.q.data(), sc.Dp, 1, sc.kt.data(), kBK, P, kBK, false);
-  tile_gemm<T>(rows, cols, s.DV, sc.o_or_do.data(), sc.DVp, 1, sc.vt.data(), kBK, dS, kBK, false);
+  tile_gemm<T>(rows, cols, s.D, sc.q.data(), sc.Dp, 1, kt, kBK, P, kBK, false);
+  tile_gemm<T>(rows, cols, s.DV, sc.o_or_do.data(), sc.DVp, 1, vt, kBK, dS, kBK, false);
   for (int64_t i = 0; i < nq; ++i) {
     T* p = P + i * kBK;
     T* ds = dS + i * kBK;
     scale_and_bias(p, nk, scale, bias_row(bias, b, h, q0 + i, k0), bias.sm);
     const T m = lse[i];
 #pragma omp simd
-    for (int64_t j = 0; j < kBK; ++j) p[j] -= m;
-    exp_row(p, kBK);
+    for (int64_t j = 0; j < w; ++j) p[j] -= m;
+    exp_row(p, w);
     const T d = delta[i];
 #pragma omp simd
-    for (int64_t j = 0; j < kBK; ++j) ds[j] = j < nk ? p[j] * (ds[j] - d) : T(0);
+    for (int64_t j = 0; j < w; ++j) ds[j] = j < nk ? p[j] * (ds[j] - d) : T(0);
   }
-  for (int64_t i = nq; i < kBQ; ++i)
-    for (int64_t j = 0; j < kBK; ++j) P[i * kBK + j] = dS[i * kBK + j] = T(0);
+  // Rows past nq, up to the micro-kernel's row grid: read as zeros by the dQ product.
+  for (int64_t i = nq; i < rows; ++i)
+    for (int64_t j = 0; j < w; ++j) P[i * kBK + j] = dS[i * kBK + j] = T(0);
+}
+
+// dst[r * ld_dst + c] = src[r * ld_src + c] * f for r < rows, c < cols.
+template <typename T>
+void store_scaled(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t rows, int64_t cols, T f) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[r * ld_dst + c] = src[r * ld_src + c] * f;
+}
+
+// The single-pass backward: one task per bias group of GB x GH (a head when there is no bias gradient) runs its
+// heads in (b, h) order. For each head it packs k and v once, then walks query blocks and, within each, key blocks
+// in order, computing each tile's P and dS once and adding dV += P^T dO, dK += dS^T Q, dQ += dS K and dbias += dS
+// into buffers the task owns. Used when there are enough groups to keep every thread busy (else the two passes).
+template <typename T>
+void per_head_backward(const T* grad_out, const T* q, const T* k, const T* v, const BiasView<T>& bias,
+                       const T* delta, const T* lse, T* grad_q, T* grad_k, T* grad_v, T* grad_bias, int64_t GB,
+                       int64_t GH, const AttentionShape& s) {
+  const T scale = T(s.scale);
+  const int64_t N = s.N, M = s.M, nkb = (M + kBK - 1) / kBK;
+#pragma omp parallel
+  {
+    Scratch<T> sc(s);
+    // The head's k^T and v^T as nkb packed [D][kBK] / [DV][kBK] blocks, its k rows, and its dK, dV sums; rows
+    // past M up to a whole micro-kernel row block are written by the tile products and never read.
+    const int64_t Mp = nkb * kBK;
+    std::vector<T> kt(nkb * s.D * kBK), vt(nkb * s.DV * kBK), krow(M * sc.Dp), dk(Mp * sc.Dp), dv(Mp * sc.DVp);
+    std::vector<T> dq(kBQ * sc.Dp);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t g = 0; g < GB * GH; ++g) {
+      const int64_t gb = g / GH, gh = g % GH;
+      T* gbias = grad_bias ? grad_bias + g * N * M : nullptr;
+      if (gbias) std::fill(gbias, gbias + N * M, T(0));
+      const int64_t b_lo = GB == s.B ? gb : 0, b_hi = GB == s.B ? gb + 1 : s.B;
+      const int64_t h_lo = GH == s.H ? gh : 0, h_hi = GH == s.H ? gh + 1 : s.H;
+      for (int64_t b = b_lo; b < b_hi; ++b) {
+        for (int64_t h = h_lo; h < h_hi; ++h) {
+          const int64_t bh = b * s.H + h;
+          const T* kh = k + bh * M * s.D;
+          for (int64_t kb = 0; kb < nkb; ++kb) {
+            const int64_t k0 = kb * kBK, nk = std::min(kBK, M - k0);
+            pack_transposed(kh + k0 * s.D, s.D, nk, s.D, kt.data() + kb * s.D * kBK);
+            pack_transposed(v + (bh * M + k0) * s.DV, s.DV, nk, s.DV, vt.data() + kb * s.DV * kBK);
+          }
+          pack_rows(kh, s.D, M, s.D, krow.data(), M, sc.Dp);
+          std::fill(dk.begin(), dk.end(), T(0));
+          std::fill(dv.begin(), dv.end(), T(0));
+          for (int64_t q0 = 0; q0 < N; q0 += kBQ) {
+            const int64_t nq = std::min(kBQ, N - q0), rows = round_up(nq, kGemmMR);
+            pack_rows(q + (bh * N + q0) * s.D, s.D, nq, s.D, sc.q.data(), rows, sc.Dp);
+            pack_rows(grad_out + (bh * N + q0) * s.DV, s.DV, nq, s.DV, sc.o_or_do.data(), rows, sc.DVp);
+            std::fill(dq.begin(), dq.begin() + rows * sc.Dp, T(0));
+            for (int64_t kb = 0; kb < nkb; ++kb) {
+              const int64_t k0 = kb * kBK, nk = std::min(kBK, M - k0), krows = round_up(nk, kGemmMR);
+              prob_and_grad_tile(sc, bias, lse + bh * N + q0, delta + bh * N + q0, b, h, q0, nq, k0, nk, s,
+                                 kt.data() + kb * s.D * kBK, vt.data() + kb * s.DV * kBK);
+              // dV += P^T dO, dK += dS^T Q (A read transposed), dQ += dS K
+              tile_gemm<T>(krows, sc.DVp, nq, sc.p.data(), 1, kBK, sc.o_or_do.data(), sc.DVp,
+                           dv.data() + k0 * sc.DVp, sc.DVp, true);
+              tile_gemm<T>(krows, sc.Dp, nq, sc.dp.data(), 1, kBK, sc.q.data(), sc.Dp, dk.data() + k0 * sc.Dp,
+                           sc.Dp, true);
+              tile_gemm<T>(rows, sc.Dp, nk, sc.dp.data(), kBK, 1, krow.data() + k0 * sc.Dp, sc.Dp, dq.data(),
+                           sc.Dp, true);
+              if (gbias) {
+                for (int64_t i = 0; i < nq; ++i) {
+                  T* dst = gbias + (q0 + i) * M + k0;
+                  const T* ds = sc.dp.data() + i * kBK;
+#pragma omp simd
+                  for (int64_t j = 0; j < nk; ++j) dst[j] += ds[j];
+                }
+              }
+            }
+            store_scaled(grad_q + (bh * N + q0) * s.D, s.D, dq.data(), sc.Dp, nq, s.D, scale);
+          }
+          store_scaled(grad_v + bh * M * s.DV, s.DV, dv.data(), sc.DVp, M, s.DV, T(1));
+          store_scaled(grad_k + bh * M * s.D, s.D, dk.data(), sc.Dp, M, s.D, scale);
+        }
+      }
+    }
+  }
 }
 
 }  // namespace
@@ -184,15 +286,15 @@ void sequential_attention_forward(const T* q, const T* k, const T* v, BiasView<T
         const T* qh = q + bh * s.N * s.D;
         const T* kh = k + bh * s.M * s.D;
         const T* vh = v + bh * s.M * s.DV;
-        pack_rows(qh + q0 * s.D, s.D, nq, s.D, sc.q.data(), kBQ, sc.Dp);
+        pack_rows(qh + q0 * s.D, s.D, nq, s.D, sc.q.data(), round_up(nq, kGemmMR), sc.Dp);
         T* O = sc.acc.data();  // [kBQ][DVp]
-        std::fill(O, O + kBQ * sc.DVp, T(0));
+        std::fill(O, O + rows * sc.DVp, T(0));
         std::fill(m.begin(), m.end(), neg_inf);
         std::fill(l.begin(), l.end(), T(0));
         for (int64_t k0 = 0; k0 < s.M; k0 += kBK) {
-          const int64_t nk = std::min(kBK, s.M - k0);
+          const int64_t nk = std::min(kBK, s.M - k0), w = span(nk);
           pack_transposed(kh + k0 * s.D, s.D, nk, s.D, sc.kt.data());
-          pack_rows(vh + k0 * s.DV, s.DV, nk, s.DV, sc.kv.data(), kBK, sc.DVp);
+          pack_rows(vh + k0 * s.DV, s.DV, nk, s.DV, sc.kv.data(), nk, sc.DVp);
           T* S = sc.p.data();
           tile_gemm<T>(rows, round_up(nk, kGemmNR), s.D, sc.q.data(), sc.Dp, 1, sc.kt.data(), kBK, S, kBK, false);
           for (int64_t i = 0; i < nq; ++i) {
@@ -206,11 +308,11 @@ void sequential_attention_forward(const T* q, const T* k, const T* v, BiasView<T
             // rather than NaN, so that a fully masked key block does not poison the row.
             const T base = m_new == neg_inf ? T(0) : m_new;
 #pragma omp simd
-            for (int64_t j = 0; j < kBK; ++j) row[j] -= base;
-            exp_row(row, kBK);
+            for (int64_t j = 0; j < w; ++j) row[j] -= base;
+            exp_row(row, w);
             T sum = 0;
 #pragma omp simd reduction(+ : sum)
-            for (int64_t j = 0; j < kBK; ++j) sum += row[j];
+            for (int64_t j = 0; j < w; ++j) sum += row[j];
             const T alpha = std::exp(m[i] - base);
             l[i] = l[i] * alpha + sum;
             m[i] = m_new;
@@ -218,7 +320,7 @@ void sequential_attention_forward(const T* q, const T* k, const T* v, BiasView<T
 #pragma omp simd
             for (int64_t c = 0; c < sc.DVp; ++c) o[c] *= alpha;
           }
-          for (int64_t i = nq; i < rows; ++i) std::fill(S + i * kBK, S + (i + 1) * kBK, T(0));
+          for (int64_t i = nq; i < rows; ++i) std::fill(S + i * kBK, S + i * kBK + w, T(0));
           tile_gemm<T>(rows, sc.DVp, nk, S, kBK, 1, sc.kv.data(), sc.DVp, O, sc.DVp, true);
         }
         for (int64_t i = 0; i < nq; ++i) {
@@ -252,6 +354,12 @@ void sequential_attention_backward(const T* grad_out, const T* q, const T* k, co
     delta[r] = acc;
   }
 
+  const int64_t GB = grad_bias ? bias_B : s.B, GH = grad_bias ? bias_H : s.H;
+  if (GB * GH >= 2 * omp_get_max_threads() || (nqb == 1 && nkb == 1)) {
+    per_head_backward(grad_out, q, k, v, bias, delta.data(), lse, grad_q, grad_k, grad_v, grad_bias, GB, GH, s);
+    return;
+  }
+
   // (A) one task per (head, key block): dK and dV of those keys, summed over every query block in order.
 #pragma omp parallel
   {
@@ -269,8 +377,9 @@ void sequential_attention_backward(const T* grad_out, const T* q, const T* k, co
         std::fill(dv_acc.begin(), dv_acc.end(), T(0));
         for (int64_t q0 = 0; q0 < s.N; q0 += kBQ) {
           const int64_t nq = std::min(kBQ, s.N - q0);
-          pack_rows(q + (bh * s.N + q0) * s.D, s.D, nq, s.D, sc.q.data(), kBQ, sc.Dp);
-          pack_rows(grad_out + (bh * s.N + q0) * s.DV, s.DV, nq, s.DV, sc.o_or_do.data(), kBQ, sc.DVp);
+          pack_rows(q + (bh * s.N + q0) * s.D, s.D, nq, s.D, sc.q.data(), round_up(nq, kGemmMR), sc.Dp);
+          pack_rows(grad_out + (bh * s.N + q0) * s.DV, s.DV, nq, s.DV, sc.o_or_do.data(), round_up(nq, kGemmMR),
+                    sc.DVp);
           prob_and_grad_tile(sc, bias, lse + bh * s.N + q0, delta.data() + bh * s.N + q0, b, h, q0, nq, k0, nk, s);
           // dV += P^T dO and dK += dS^T Q: A read transposed (row stride 1, k stride kBK)
           tile_gemm<T>(krows, sc.DVp, nq, sc.p.data(), 1, kBK, sc.o_or_do.data(), sc.DVp, dv_acc.data(), sc.DVp,
@@ -289,7 +398,6 @@ void sequential_attention_backward(const T* grad_out, const T* q, const T* k, co
 
   // (B) one task per (bias group, query block): dQ of those rows for every head of the group, and the group's
   // dbias rows summed over its heads in (b, h) order. Without a bias gradient a group is one head.
-  const int64_t GB = grad_bias ? bias_B : s.B, GH = grad_bias ? bias_H : s.H;
 #pragma omp parallel
   {
     Scratch<T> sc(s);
@@ -305,8 +413,9 @@ void sequential_attention_backward(const T* grad_out, const T* q, const T* k, co
         for (int64_t b = b_lo; b < b_hi; ++b) {
           for (int64_t h = h_lo; h < h_hi; ++h) {
             const int64_t bh = b * s.H + h;
-            pack_rows(q + (bh * s.N + q0) * s.D, s.D, nq, s.D, sc.q.data(), kBQ, sc.Dp);
-            pack_rows(grad_out + (bh * s.N + q0) * s.DV, s.DV, nq, s.DV, sc.o_or_do.data(), kBQ, sc.DVp);
+            pack_rows(q + (bh * s.N + q0) * s.D, s.D, nq, s.D, sc.q.data(), round_up(nq, kGemmMR), sc.Dp);
+            pack_rows(grad_out + (bh * s.N + q0) * s.DV, s.DV, nq, s.DV, sc.o_or_do.data(), round_up(nq, kGemmMR),
+                    sc.DVp);
             T* dQ = sc.acc.data();  // [kBQ][Dp]
             std::fill(dQ, dQ + kBQ * sc.Dp, T(0));
             for (int64_t k0 = 0; k0 < s.M; k0 += kBK) {
@@ -314,7 +423,7 @@ void sequential_attention_backward(const T* grad_out, const T* q, const T* k, co
               const T* kblk = k + (bh * s.M + k0) * s.D;
               pack_transposed(kblk, s.D, nk, s.D, sc.kt.data());
               pack_transposed(v + (bh * s.M + k0) * s.DV, s.DV, nk, s.DV, sc.vt.data());
-              pack_rows(kblk, s.D, nk, s.D, sc.kv.data(), kBK, sc.Dp);
+              pack_rows(kblk, s.D, nk, s.D, sc.kv.data(), nk, sc.Dp);
               prob_and_grad_tile(sc, bias, lse + bh * s.N + q0, delta.data() + bh * s.N + q0, b, h, q0, nq, k0,
                                  nk, s);
               tile_gemm<T>(rows, sc.Dp, nk, sc.dp.data(), kBK, 1, sc.kv.data(), sc.Dp, dQ, sc.Dp, true);
