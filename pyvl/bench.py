@@ -127,8 +127,9 @@ class Built:
     nbytes: int | None  # bytes a perfect kernel moves once (inputs + weights + outputs); None: not meaningful
     backend: str | None = None  # the pyvl backend that runs, as pyvl chose it
     skipped: dict = field(default_factory=dict)  # peer name -> why that peer cannot run here (the others still do)
-    # name -> callable: yardsticks for the fastest any kernel could be, timed in the same run beside pyvl and
-    # the peers. run_case adds a copy of `nbytes` to every case that sets nbytes.
+    # name -> callable: yardsticks for the fastest any kernel could be, timed in the same run beside pyvl and the
+    # peers; the memory-bound ops give a copy of their bytes (copy_floor). The row's ceiling is the peer's time
+    # over the slowest floor.
     floors: dict = field(default_factory=dict)
 
 
@@ -183,7 +184,9 @@ def _depthwise_fwd(N, s: DwShape, layout):
         def run_torch():
             return F.conv2d(x, w, None, s.stride, 1, 1, s.C)
 
-        return Built(run_pyvl, {f"torch {layout}": run_torch}, _nbytes(x, w, y), chosen)
+        nbytes = _nbytes(x, w, y)
+        return Built(run_pyvl, {f"torch {layout}": run_torch}, nbytes, chosen,
+                     floors=copy_floor(nbytes, device, dtype))
 
     return build
 
@@ -209,7 +212,8 @@ def _depthwise_fwd_bwd(N, s: DwShape, layout):
 
         # Forward reads x, w and writes y; backward reads grad, x, w and writes grad_x, grad_w.
         nbytes = 3 * _nbytes(x, w) + 2 * _nbytes(y)
-        return Built(run_pyvl, {f"torch {layout}": run_torch}, nbytes, chosen)
+        return Built(run_pyvl, {f"torch {layout}": run_torch}, nbytes, chosen,
+                     floors=copy_floor(nbytes, device, dtype))
 
     return build
 
@@ -241,10 +245,11 @@ def _dsconv2d_fwd(N, s: DwShape):
         a = torch.randn(y.numel() // s.C_out, s.C, generator=gen).to(device, dtype)
         pw_t = pw.reshape(s.C_out, s.C).t().contiguous()
         mm_out = torch.empty(a.shape[0], s.C_out, device=device, dtype=dtype)
+        nbytes = _nbytes(x, dw, dw_b, pw, pw_b, y)
         return Built(run_pyvl, {"torch channels_last": lambda: torch_block(x),
-                                "torch nchw": lambda: torch_block(x_nchw)},
-                     _nbytes(x, dw, dw_b, pw, pw_b, y), chosen,
-                     floors={"pointwise torch.mm": lambda: torch.mm(a, pw_t, out=mm_out)})
+                                "torch nchw": lambda: torch_block(x_nchw)}, nbytes, chosen,
+                     floors={**copy_floor(nbytes, device, dtype),
+                             "pointwise torch.mm": lambda: torch.mm(a, pw_t, out=mm_out)})
 
     return build
 
@@ -543,6 +548,12 @@ def _copy_fn(nbytes: int, device, dtype):
     return lambda: dst.copy_(src)
 
 
+def copy_floor(nbytes: int, device, dtype) -> dict:
+    """The floor of a memory-bound case: a copy of its bytes, with the same footprint and so from the same cache
+    level as the case's own tensors."""
+    return {"copy": _copy_fn(nbytes, device, dtype)}
+
+
 def copy_bandwidth(device, dtype, mib: int, repeats: int = 5) -> float:
     """The machine's main-memory copy GB/s in this run: dst.copy_(src) over preallocated buffers larger than the
     last-level cache, counting one read and one write. (x.clone() measured 3-4x lower on the development machine:
@@ -627,9 +638,7 @@ def run_case(case: Case, device, dtype, backend, warmup, repeats, copy_gbps, max
     except Exception as e:  # noqa: BLE001  (one broken case must not lose the others' results)
         return [dict(base, peer=None, status="error", reason=f"{type(e).__name__}: {e}")]
     skipped = [dict(base, peer=p, status="skipped", reason=r) for p, r in built.skipped.items()]
-    floors = dict(built.floors)
-    if built.nbytes:
-        floors["copy"] = _copy_fn(built.nbytes, device, dtype)
+    floors = built.floors
     fns = {"pyvl": built.pyvl, **built.peers, **{f"floor: {k}": f for k, f in floors.items()}}
     try:
         times, warmup_only = time_interleaved(fns, device, warmup, repeats, min_repeat_s=min_repeat_s,

@@ -69,7 +69,15 @@ def test_ratios_positive_finite(result):
         assert math.isclose(r["ratio"], r["peer_stats"]["ms"] / r["pyvl"]["ms"])
         assert len(r["pyvl"]["times_ms"]) == data["args"]["repeats"] or r["op"] in bench.MODEL_OPS
         if r["bytes"] is not None:
-            assert _finite_positive(r["pyvl"]["gbps"]) and _finite_positive(r["pyvl"]["frac_copy"])
+            assert _finite_positive(r["pyvl"]["gbps"])
+        if r["op"].startswith(("depthwise", "dsconv2d")):
+            # memory-bound: a same-size copy is timed beside them; dsconv2d also its pointwise matmul
+            floors = {"copy", "pointwise torch.mm"} if r["op"] == "dsconv2d_fwd" else {"copy"}
+            assert set(r["floors_ms"]) == floors and all(_finite_positive(t) for t in r["floors_ms"].values())
+            assert _finite_positive(r["pyvl"]["frac_copy"])
+            assert math.isclose(r["ceiling"], r["peer_stats"]["ms"] / max(r["floors_ms"].values()))
+        else:
+            assert r["ceiling"] is None and r["pyvl"]["frac_copy"] is None
         if r["op"].startswith("sequential_attention"):
             # CPU peak memory from the peak resident set of a fresh process (subprocess_peak_memory)
             assert r["pyvl"]["peak_mib"] is not None and r["pyvl"]["peak_mib"] >= 0
@@ -78,6 +86,7 @@ def test_ratios_positive_finite(result):
             assert r["pyvl"]["peak_mib"] is None  # no CPU allocator statistics, reported as n/a
     for key, m in data["geomeans"].items():
         assert _finite_positive(m["geomean"]) and _finite_positive(m["geomean_network_weighted"]), key
+        assert ("ceiling_geomean" in m) == key.startswith(("depthwise", "dsconv2d")), key
 
 
 def test_rejects_unknown_op():
