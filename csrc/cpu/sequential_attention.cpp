@@ -279,8 +279,11 @@ void sequential_attention_forward(const T* q, const T* k, const T* v, BiasView<T
     Scratch<T> sc(s);
     std::vector<T> m(kBQ), l(kBQ);
 #pragma omp for collapse(2) schedule(dynamic, 1)
-    for (int64_t bh = 0; bh < BH; ++bh) {
-      for (int64_t qb = 0; qb < nqb; ++qb) {
+    // Query blocks outermost, heads innermost: consecutive tasks read the same rows of a bias shared by the heads
+    // (or the batch) while they are still in cache. Head-major order read a shared [N, M] bias from memory once per
+    // head; at N = M = 4096 that was half the forward's time, a 64 MiB stream per head.
+    for (int64_t qb = 0; qb < nqb; ++qb) {
+      for (int64_t bh = 0; bh < BH; ++bh) {
         const int64_t b = bh / s.H, h = bh % s.H;
         const int64_t q0 = qb * kBQ, nq = std::min(kBQ, s.N - q0), rows = round_up(nq, kGemmMR);
         const T* qh = q + bh * s.N * s.D;
@@ -366,8 +369,8 @@ void sequential_attention_backward(const T* grad_out, const T* q, const T* k, co
     Scratch<T> sc(s);
     std::vector<T> dv_acc(kBK * sc.DVp);
 #pragma omp for collapse(2) schedule(dynamic, 1)
-    for (int64_t bh = 0; bh < BH; ++bh) {
-      for (int64_t kb = 0; kb < nkb; ++kb) {
+    for (int64_t kb = 0; kb < nkb; ++kb) {  // key blocks outermost, for the reason given in the forward
+      for (int64_t bh = 0; bh < BH; ++bh) {
         const int64_t b = bh / s.H, h = bh % s.H;
         const int64_t k0 = kb * kBK, nk = std::min(kBK, s.M - k0), krows = round_up(nk, kGemmMR);
         pack_transposed(k + (bh * s.M + k0) * s.D, s.D, nk, s.D, sc.kt.data());
