@@ -123,7 +123,10 @@ def default_order(op: str, device: torch.device, layout: str = "nchw", training:
 # small planes; 0.96-1.9x per shape), channels_last 0.84-0.95x (register-blocked strips win the 7x7..28x28 layers,
 # lose 0.6-0.9x on the 56x56 and 112x112 ones), so NCHW defaults to the kernel and channels_last to the reference.
 # Forward + backward (`pyvl bench --ops depthwise_fwd_bwd`, quiet machine, 2 threads, 2026-11-23): NCHW 0.76x, so
-# training stays on the reference.
+# training stays on the reference. channels_last forward + backward, after the register-blocked 3x3 weight gradient
+# and the stride-1 input gradient through the forward strips (stop 10): geometric mean 0.95-1.00 in three runs (was
+# 0.64); 1.14-1.50x on the 112x112 to 28x28 stride-1 layers, 0.65-0.97x on the stride-2 and 14x14 / 7x7 ones. Not a
+# clear win, so channels_last training stays on the reference too (backend="cpu" selects the kernels).
 _CPU_ORDER = {
     "depthwise_conv2d": {"nchw": ("cpu", "reference"), "nchw_train": ("reference", "cpu"),
                          "channels_last": ("reference", "cpu")},
@@ -131,7 +134,10 @@ _CPU_ORDER = {
 }
 # sequential_attention (B1 H4 N1024 d32, dense [N, N] bias, fp32, same run, 2026-11-23): the C++ forward is 2.8x the
 # materializing reference (198 vs 548 ms), forward + backward on par (887 vs 824 ms), and its memory is O(N d)
-# where the reference holds the [B, H, N, N] scores and probabilities; so the C++ kernels go first.
+# where the reference holds the [B, H, N, N] scores and probabilities; so the C++ kernels go first. Stop 10 (the
+# single-pass backward, the bias read once per query block, k and v packed once): against
+# F.scaled_dot_product_attention with the same bias, forward 0.85 / 1.11x and forward + backward 1.20 / 1.07x at
+# N = 1024 / 4096; Graphormer's training step (slim, 8 molecules) 1.14x the eager-attention model (0.87x before).
 _CPU_ORDER["sequential_attention"] = ("cpu", "reference")
 # Window attention (OMP_NUM_THREADS=1 benchmarks/window_attention_cpu.py --clock process, fp32, 2026-11-23): the C++
 # kernel against the eager torchvision algorithm, forward / forward+backward: Swin-T stage 1-4 at B=2 2.9/1.5,
