@@ -11,6 +11,26 @@ namespace {
 // [B, H, L, E] in the compute dtype, dense, viewed as [B*H, L, E] by the kernels (a copy only when needed).
 at::Tensor dense(const at::Tensor& t, at::ScalarType ct) { return t.to(ct).contiguous(); }
 
+// [B, H, L, E] in the compute dtype with a unit stride along E (a copy only when the dtype or that stride differs):
+// q, k, v and grad_out are read in place through their strides, so the usual x.view(B, L, H, E).transpose(1, 2)
+// costs no copy.
+at::Tensor rows_of(const at::Tensor& t, at::ScalarType ct) {
+  at::Tensor c = t.to(ct);
+  return c.size(3) > 1 && c.stride(3) != 1 ? c.contiguous() : c;
+}
+
+template <typename Ptr>
+HeadRows<Ptr> head_rows(const at::Tensor& t, Ptr* data) {
+  return HeadRows<Ptr>{data, t.size(1), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// A gradient buffer laid out like its input (empty_like keeps a dense permuted layout), so that autograd hands
+// the gradient of a transposed view back without a copy.
+at::Tensor grad_like(const at::Tensor& t) {
+  at::Tensor g = at::empty_like(t);
+  return g.size(3) > 1 && g.stride(3) != 1 ? at::empty(t.sizes(), t.options()) : g;
+}
+
 AttentionShape attention_shape(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "pyvl::sequential_attention: q, k, v must be 4-D");
   TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(1) == q.size(1) && v.size(1) == q.size(1) &&
@@ -59,14 +79,15 @@ std::tuple<at::Tensor, at::Tensor> sequential_attention_cpu(const at::Tensor& q,
   (void)deterministic;  // the CPU kernels are always deterministic
   const auto s = attention_shape(q, k, v, scale);
   const auto ct = compute_dtype(q.scalar_type());
-  at::Tensor qc = dense(q, ct), kc = dense(k, ct), vc = dense(v, ct);
+  at::Tensor qc = rows_of(q, ct), kc = rows_of(k, ct), vc = rows_of(v, ct);
   PreparedBias pb = prepare_bias(bias, s, ct);
   at::Tensor out = at::empty({s.B, s.H, s.N, s.DV}, qc.options());
   at::Tensor lse = at::empty({s.B, s.H, s.N}, qc.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "pyvl::sequential_attention", [&] {
-    cpu::sequential_attention_forward<scalar_t>(qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(),
-                                                vc.const_data_ptr<scalar_t>(), view_of<scalar_t>(pb),
-                                                out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<scalar_t>(), s);
+    cpu::sequential_attention_forward<scalar_t>(
+        head_rows(qc, qc.const_data_ptr<scalar_t>()), head_rows(kc, kc.const_data_ptr<scalar_t>()),
+        head_rows(vc, vc.const_data_ptr<scalar_t>()), view_of<scalar_t>(pb), out.mutable_data_ptr<scalar_t>(),
+        lse.mutable_data_ptr<scalar_t>(), s);
   });
   return {out.to(q.scalar_type()), lse};
 }
@@ -81,10 +102,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sequential_attention_
                   out.size(3) == s.DV && lse.numel() == s.B * s.H * s.N,
               "pyvl::sequential_attention_backward: grad_out, out or lse do not match q, k, v");
   const auto ct = compute_dtype(q.scalar_type());
-  at::Tensor qc = dense(q, ct), kc = dense(k, ct), vc = dense(v, ct);
-  at::Tensor go = dense(grad_out, ct), oc = dense(out, ct), lc = dense(lse, ct);
+  at::Tensor qc = rows_of(q, ct), kc = rows_of(k, ct), vc = rows_of(v, ct);
+  at::Tensor go = rows_of(grad_out, ct), oc = dense(out, ct), lc = dense(lse, ct);
   PreparedBias pb = prepare_bias(bias, s, ct);
-  at::Tensor gq = at::empty_like(qc), gk = at::empty_like(kc), gv = at::empty_like(vc);
+  at::Tensor gq = grad_like(qc), gk = grad_like(kc), gv = grad_like(vc);
   const bool want_bias = bias.has_value() && bias_requires_grad;
   const int64_t bias_B = want_bias ? bias->size(0) : 1, bias_H = want_bias ? bias->size(1) : 1;
   // The kernel reduces over broadcast batch / head dims; a bias broadcast along queries or keys gets the dense
@@ -92,10 +113,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sequential_attention_
   at::Tensor gb = want_bias ? at::empty({bias_B, bias_H, s.N, s.M}, qc.options()) : at::empty({0}, q.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "pyvl::sequential_attention_backward", [&] {
     cpu::sequential_attention_backward<scalar_t>(
-        go.const_data_ptr<scalar_t>(), qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(),
-        vc.const_data_ptr<scalar_t>(), view_of<scalar_t>(pb), oc.const_data_ptr<scalar_t>(),
-        lc.const_data_ptr<scalar_t>(), gq.mutable_data_ptr<scalar_t>(), gk.mutable_data_ptr<scalar_t>(),
-        gv.mutable_data_ptr<scalar_t>(), want_bias ? gb.mutable_data_ptr<scalar_t>() : nullptr, bias_B, bias_H, s);
+        head_rows(go, go.const_data_ptr<scalar_t>()), head_rows(qc, qc.const_data_ptr<scalar_t>()),
+        head_rows(kc, kc.const_data_ptr<scalar_t>()), head_rows(vc, vc.const_data_ptr<scalar_t>()),
+        view_of<scalar_t>(pb), oc.const_data_ptr<scalar_t>(), lc.const_data_ptr<scalar_t>(),
+        head_rows(gq, gq.mutable_data_ptr<scalar_t>()), head_rows(gk, gk.mutable_data_ptr<scalar_t>()),
+        head_rows(gv, gv.mutable_data_ptr<scalar_t>()), want_bias ? gb.mutable_data_ptr<scalar_t>() : nullptr,
+        bias_B, bias_H, s);
   });
   if (want_bias) {
     if (bias->size(2) == 1 && s.N > 1) gb = gb.sum(2, true);

@@ -196,9 +196,10 @@ void store_scaled(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t 
 // in order, computing each tile's P and dS once and adding dV += P^T dO, dK += dS^T Q, dQ += dS K and dbias += dS
 // into buffers the task owns. Used when there are enough groups to keep every thread busy (else the two passes).
 template <typename T>
-void per_head_backward(const T* grad_out, const T* q, const T* k, const T* v, const BiasView<T>& bias,
-                       const T* delta, const T* lse, T* grad_q, T* grad_k, T* grad_v, T* grad_bias, int64_t GB,
-                       int64_t GH, const AttentionShape& s) {
+void per_head_backward(const HeadRows<const T>& grad_out, const HeadRows<const T>& q, const HeadRows<const T>& k,
+                       const HeadRows<const T>& v, const BiasView<T>& bias, const T* delta, const T* lse,
+                       const HeadRows<T>& grad_q, const HeadRows<T>& grad_k, const HeadRows<T>& grad_v, T* grad_bias,
+                       int64_t GB, int64_t GH, const AttentionShape& s) {
   const T scale = T(s.scale);
   const int64_t N = s.N, M = s.M, nkb = (M + kBK - 1) / kBK;
 #pragma omp parallel
@@ -219,19 +220,18 @@ void per_head_backward(const T* grad_out, const T* q, const T* k, const T* v, co
       for (int64_t b = b_lo; b < b_hi; ++b) {
         for (int64_t h = h_lo; h < h_hi; ++h) {
           const int64_t bh = b * s.H + h;
-          const T* kh = k + bh * M * s.D;
           for (int64_t kb = 0; kb < nkb; ++kb) {
             const int64_t k0 = kb * kBK, nk = std::min(kBK, M - k0);
-            pack_transposed(kh + k0 * s.D, s.D, nk, s.D, kt.data() + kb * s.D * kBK);
-            pack_transposed(v + (bh * M + k0) * s.DV, s.DV, nk, s.DV, vt.data() + kb * s.DV * kBK);
+            pack_transposed(k.row(bh, k0), k.sn, nk, s.D, kt.data() + kb * s.D * kBK);
+            pack_transposed(v.row(bh, k0), v.sn, nk, s.DV, vt.data() + kb * s.DV * kBK);
           }
-          pack_rows(kh, s.D, M, s.D, krow.data(), M, sc.Dp);
+          pack_rows(k.row(bh, 0), k.sn, M, s.D, krow.data(), M, sc.Dp);
           std::fill(dk.begin(), dk.end(), T(0));
           std::fill(dv.begin(), dv.end(), T(0));
           for (int64_t q0 = 0; q0 < N; q0 += kBQ) {
             const int64_t nq = std::min(kBQ, N - q0), rows = round_up(nq, kGemmMR);
-            pack_rows(q + (bh * N + q0) * s.D, s.D, nq, s.D, sc.q.data(), rows, sc.Dp);
-            pack_rows(grad_out + (bh * N + q0) * s.DV, s.DV, nq, s.DV, sc.o_or_do.data(), rows, sc.DVp);
+            pack_rows(q.row(bh, q0), q.sn, nq, s.D, sc.q.data(), rows, sc.Dp);
+            pack_rows(grad_out.row(bh, q0), grad_out.sn, nq, s.DV, sc.o_or_do.data(), rows, sc.DVp);
             std::fill(dq.begin(), dq.begin() + rows * sc.Dp, T(0));
             for (int64_t kb = 0; kb < nkb; ++kb) {
               const int64_t k0 = kb * kBK, nk = std::min(kBK, M - k0), krows = round_up(nk, kGemmMR);
@@ -253,10 +253,10 @@ void per_head_backward(const T* grad_out, const T* q, const T* k, const T* v, co
                 }
               }
             }
-            store_scaled(grad_q + (bh * N + q0) * s.D, s.D, dq.data(), sc.Dp, nq, s.D, scale);
+            store_scaled(grad_q.row(bh, q0), grad_q.sn, dq.data(), sc.Dp, nq, s.D, scale);
           }
-          store_scaled(grad_v + bh * M * s.DV, s.DV, dv.data(), sc.DVp, M, s.DV, T(1));
-          store_scaled(grad_k + bh * M * s.D, s.D, dk.data(), sc.Dp, M, s.D, scale);
+          store_scaled(grad_v.row(bh, 0), grad_v.sn, dv.data(), sc.DVp, M, s.DV, T(1));
+          store_scaled(grad_k.row(bh, 0), grad_k.sn, dk.data(), sc.Dp, M, s.D, scale);
         }
       }
     }
@@ -269,8 +269,8 @@ void per_head_backward(const T* grad_out, const T* q, const T* k, const T* v, co
 // Forward
 
 template <typename T>
-void sequential_attention_forward(const T* q, const T* k, const T* v, BiasView<T> bias, T* out, T* lse,
-                                  const AttentionShape& s) {
+void sequential_attention_forward(HeadRows<const T> q, HeadRows<const T> k, HeadRows<const T> v, BiasView<T> bias,
+                                  T* out, T* lse, const AttentionShape& s) {
   const int64_t BH = s.B * s.H, nqb = (s.N + kBQ - 1) / kBQ, nkb = (s.M + kBK - 1) / kBK;
   const T scale = T(s.scale);
   const T neg_inf = -std::numeric_limits<T>::infinity();
@@ -284,8 +284,8 @@ void sequential_attention_forward(const T* q, const T* k, const T* v, BiasView<T
   for (int64_t bh = 0; bh < (prepack ? BH : 0); ++bh) {
     for (int64_t kb = 0; kb < nkb; ++kb) {
       const int64_t k0 = kb * kBK, nk = std::min(kBK, s.M - k0);
-      pack_transposed(k + (bh * s.M + k0) * s.D, s.D, nk, s.D, kt_all.data() + bh * kt_head + kb * s.D * kBK);
-      pack_rows(v + (bh * s.M + k0) * s.DV, s.DV, nk, s.DV, v_all.data() + bh * v_head + k0 * DVp, nk, DVp);
+      pack_transposed(k.row(bh, k0), k.sn, nk, s.D, kt_all.data() + bh * kt_head + kb * s.D * kBK);
+      pack_rows(v.row(bh, k0), v.sn, nk, s.DV, v_all.data() + bh * v_head + k0 * DVp, nk, DVp);
     }
   }
 #pragma omp parallel
@@ -300,8 +300,7 @@ void sequential_attention_forward(const T* q, const T* k, const T* v, BiasView<T
       for (int64_t bh = 0; bh < BH; ++bh) {
         const int64_t b = bh / s.H, h = bh % s.H;
         const int64_t q0 = qb * kBQ, nq = std::min(kBQ, s.N - q0), rows = round_up(nq, kGemmMR);
-        const T* qh = q + bh * s.N * s.D;
-        pack_rows(qh + q0 * s.D, s.D, nq, s.D, sc.q.data(), round_up(nq, kGemmMR), sc.Dp);
+        pack_rows(q.row(bh, q0), q.sn, nq, s.D, sc.q.data(), round_up(nq, kGemmMR), sc.Dp);
         T* O = sc.acc.data();  // [kBQ][DVp]
         std::fill(O, O + rows * sc.DVp, T(0));
         std::fill(m.begin(), m.end(), neg_inf);
@@ -314,8 +313,8 @@ void sequential_attention_forward(const T* q, const T* k, const T* v, BiasView<T
             kt = kt_all.data() + bh * kt_head + (k0 / kBK) * s.D * kBK;
             vp = v_all.data() + bh * v_head + k0 * DVp;
           } else {
-            pack_transposed(k + (bh * s.M + k0) * s.D, s.D, nk, s.D, sc.kt.data());
-            pack_rows(v + (bh * s.M + k0) * s.DV, s.DV, nk, s.DV, sc.kv.data(), nk, sc.DVp);
+            pack_transposed(k.row(bh, k0), k.sn, nk, s.D, sc.kt.data());
+            pack_rows(v.row(bh, k0), v.sn, nk, s.DV, sc.kv.data(), nk, sc.DVp);
           }
           T* S = sc.p.data();
           tile_gemm<T>(rows, round_up(nk, kGemmNR), s.D, sc.q.data(), sc.Dp, 1, kt, kBK, S, kBK, false);
@@ -362,8 +361,9 @@ void sequential_attention_forward(const T* q, const T* k, const T* v, BiasView<T
 // Backward
 
 template <typename T>
-void sequential_attention_backward(const T* grad_out, const T* q, const T* k, const T* v, BiasView<T> bias,
-                                   const T* out, const T* lse, T* grad_q, T* grad_k, T* grad_v, T* grad_bias,
+void sequential_attention_backward(HeadRows<const T> grad_out, HeadRows<const T> q, HeadRows<const T> k,
+                                   HeadRows<const T> v, BiasView<T> bias, const T* out, const T* lse,
+                                   HeadRows<T> grad_q, HeadRows<T> grad_k, HeadRows<T> grad_v, T* grad_bias,
                                    int64_t bias_B, int64_t bias_H, const AttentionShape& s) {
   const int64_t BH = s.B * s.H, nqb = (s.N + kBQ - 1) / kBQ, nkb = (s.M + kBK - 1) / kBK;
   const T scale = T(s.scale);
@@ -372,7 +372,8 @@ void sequential_attention_backward(const T* grad_out, const T* q, const T* k, co
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < BH * s.N; ++r) {
     T acc = 0;
-    for (int64_t c = 0; c < s.DV; ++c) acc += grad_out[r * s.DV + c] * out[r * s.DV + c];
+    const T* go = grad_out.row(r / s.N, r % s.N);
+    for (int64_t c = 0; c < s.DV; ++c) acc += go[c] * out[r * s.DV + c];
     delta[r] = acc;
   }
 
@@ -392,15 +393,15 @@ void sequential_attention_backward(const T* grad_out, const T* q, const T* k, co
       for (int64_t bh = 0; bh < BH; ++bh) {
         const int64_t b = bh / s.H, h = bh % s.H;
         const int64_t k0 = kb * kBK, nk = std::min(kBK, s.M - k0), krows = round_up(nk, kGemmMR);
-        pack_transposed(k + (bh * s.M + k0) * s.D, s.D, nk, s.D, sc.kt.data());
-        pack_transposed(v + (bh * s.M + k0) * s.DV, s.DV, nk, s.DV, sc.vt.data());
+        pack_transposed(k.row(bh, k0), k.sn, nk, s.D, sc.kt.data());
+        pack_transposed(v.row(bh, k0), v.sn, nk, s.DV, sc.vt.data());
         T* dK = sc.acc.data();  // [kBK][Dp]
         std::fill(dK, dK + kBK * sc.Dp, T(0));
         std::fill(dv_acc.begin(), dv_acc.end(), T(0));
         for (int64_t q0 = 0; q0 < s.N; q0 += kBQ) {
           const int64_t nq = std::min(kBQ, s.N - q0);
-          pack_rows(q + (bh * s.N + q0) * s.D, s.D, nq, s.D, sc.q.data(), round_up(nq, kGemmMR), sc.Dp);
-          pack_rows(grad_out + (bh * s.N + q0) * s.DV, s.DV, nq, s.DV, sc.o_or_do.data(), round_up(nq, kGemmMR),
+          pack_rows(q.row(bh, q0), q.sn, nq, s.D, sc.q.data(), round_up(nq, kGemmMR), sc.Dp);
+          pack_rows(grad_out.row(bh, q0), grad_out.sn, nq, s.DV, sc.o_or_do.data(), round_up(nq, kGemmMR),
                     sc.DVp);
           prob_and_grad_tile(sc, bias, lse + bh * s.N + q0, delta.data() + bh * s.N + q0, b, h, q0, nq, k0, nk, s);
           // dV += P^T dO and dK += dS^T Q: A read transposed (row stride 1, k stride kBK)
@@ -409,8 +410,8 @@ void sequential_attention_backward(const T* grad_out, const T* q, const T* k, co
           tile_gemm<T>(krows, sc.Dp, nq, sc.dp.data(), 1, kBK, sc.q.data(), sc.Dp, dK, sc.Dp, true);
         }
         for (int64_t j = 0; j < nk; ++j) {
-          T* gk = grad_k + (bh * s.M + k0 + j) * s.D;
-          T* gv = grad_v + (bh * s.M + k0 + j) * s.DV;
+          T* gk = grad_k.row(bh, k0 + j);
+          T* gv = grad_v.row(bh, k0 + j);
           for (int64_t c = 0; c < s.D; ++c) gk[c] = dK[j * sc.Dp + c] * scale;
           for (int64_t c = 0; c < s.DV; ++c) gv[c] = dv_acc[j * sc.DVp + c];
         }
@@ -435,17 +436,17 @@ void sequential_attention_backward(const T* grad_out, const T* q, const T* k, co
         for (int64_t b = b_lo; b < b_hi; ++b) {
           for (int64_t h = h_lo; h < h_hi; ++h) {
             const int64_t bh = b * s.H + h;
-            pack_rows(q + (bh * s.N + q0) * s.D, s.D, nq, s.D, sc.q.data(), round_up(nq, kGemmMR), sc.Dp);
-            pack_rows(grad_out + (bh * s.N + q0) * s.DV, s.DV, nq, s.DV, sc.o_or_do.data(), round_up(nq, kGemmMR),
+            pack_rows(q.row(bh, q0), q.sn, nq, s.D, sc.q.data(), round_up(nq, kGemmMR), sc.Dp);
+            pack_rows(grad_out.row(bh, q0), grad_out.sn, nq, s.DV, sc.o_or_do.data(), round_up(nq, kGemmMR),
                     sc.DVp);
             T* dQ = sc.acc.data();  // [kBQ][Dp]
             std::fill(dQ, dQ + kBQ * sc.Dp, T(0));
             for (int64_t k0 = 0; k0 < s.M; k0 += kBK) {
               const int64_t nk = std::min(kBK, s.M - k0);
-              const T* kblk = k + (bh * s.M + k0) * s.D;
-              pack_transposed(kblk, s.D, nk, s.D, sc.kt.data());
-              pack_transposed(v + (bh * s.M + k0) * s.DV, s.DV, nk, s.DV, sc.vt.data());
-              pack_rows(kblk, s.D, nk, s.D, sc.kv.data(), nk, sc.Dp);
+              const T* kblk = k.row(bh, k0);
+              pack_transposed(kblk, k.sn, nk, s.D, sc.kt.data());
+              pack_transposed(v.row(bh, k0), v.sn, nk, s.DV, sc.vt.data());
+              pack_rows(kblk, k.sn, nk, s.D, sc.kv.data(), nk, sc.Dp);
               prob_and_grad_tile(sc, bias, lse + bh * s.N + q0, delta.data() + bh * s.N + q0, b, h, q0, nq, k0,
                                  nk, s);
               tile_gemm<T>(rows, sc.Dp, nk, sc.dp.data(), kBK, 1, sc.kv.data(), sc.Dp, dQ, sc.Dp, true);
@@ -459,7 +460,7 @@ void sequential_attention_backward(const T* grad_out, const T* q, const T* k, co
               }
             }
             for (int64_t i = 0; i < nq; ++i) {
-              T* gq = grad_q + (bh * s.N + q0 + i) * s.D;
+              T* gq = grad_q.row(bh, q0 + i);
               for (int64_t c = 0; c < s.D; ++c) gq[c] = dQ[i * sc.Dp + c] * scale;
             }
           }
@@ -470,10 +471,11 @@ void sequential_attention_backward(const T* grad_out, const T* q, const T* k, co
 }
 
 #define PYVL_INSTANTIATE(T)                                                                                        \
-  template void sequential_attention_forward<T>(const T*, const T*, const T*, BiasView<T>, T*, T*,                 \
-                                                const AttentionShape&);                                            \
-  template void sequential_attention_backward<T>(const T*, const T*, const T*, const T*, BiasView<T>, const T*,   \
-                                                 const T*, T*, T*, T*, T*, int64_t, int64_t, const AttentionShape&);
+  template void sequential_attention_forward<T>(HeadRows<const T>, HeadRows<const T>, HeadRows<const T>,          \
+                                                BiasView<T>, T*, T*, const AttentionShape&);                       \
+  template void sequential_attention_backward<T>(HeadRows<const T>, HeadRows<const T>, HeadRows<const T>,         \
+                                                 HeadRows<const T>, BiasView<T>, const T*, const T*, HeadRows<T>, \
+                                                 HeadRows<T>, HeadRows<T>, T*, int64_t, int64_t, const AttentionShape&);
 PYVL_INSTANTIATE(float)
 PYVL_INSTANTIATE(double)
 #undef PYVL_INSTANTIATE

@@ -112,11 +112,18 @@ bool check(const Case& c, std::mt19937& rng) {
   // Outputs start as NaN so an element the kernels forget to write fails the comparison.
   std::vector<T> out(want.out.size(), T(NAN)), lse(want.lse.size(), T(NAN)), gq(q.size(), T(NAN)),
       gk(k.size(), T(NAN)), gv(v.size(), T(NAN)), gb(want.gbias.size(), T(NAN));
-  pyvl::cpu::sequential_attention_forward<T>(qt.data(), kt.data(), vt.data(), bv, out.data(), lse.data(), s);
+  using pyvl::HeadRows;
+  const auto rows = [&](const std::vector<T>& x, int64_t L, int64_t E) {
+    return HeadRows<const T>::dense(x.data(), c.H, L, E);
+  };
+  const auto grads = [&](std::vector<T>& x, int64_t L, int64_t E) { return HeadRows<T>::dense(x.data(), c.H, L, E); };
+  pyvl::cpu::sequential_attention_forward<T>(rows(qt, c.N, c.D), rows(kt, c.M, c.D), rows(vt, c.M, c.DV), bv,
+                                             out.data(), lse.data(), s);
   const int64_t gB = c.bias_B ? c.bias_B : 1, gH = c.bias_H ? c.bias_H : 1;
   // With a bias broadcast along N or M the kernel's gradient is the dense [.., N, M] one, as the reference's.
-  pyvl::cpu::sequential_attention_backward<T>(got_go.data(), qt.data(), kt.data(), vt.data(), bv, out.data(),
-                                              lse.data(), gq.data(), gk.data(), gv.data(),
+  pyvl::cpu::sequential_attention_backward<T>(rows(got_go, c.N, c.DV), rows(qt, c.N, c.D), rows(kt, c.M, c.D),
+                                              rows(vt, c.M, c.DV), bv, out.data(), lse.data(), grads(gq, c.N, c.D),
+                                              grads(gk, c.M, c.D), grads(gv, c.M, c.DV),
                                               c.bias_B ? gb.data() : nullptr, gB, gH, s);
   const double tol = sizeof(T) == 4 ? 3e-5 : 1e-11;
   return close("out", out, want.out, tol) && close("lse", lse, want.lse, tol) && close("grad_q", gq, want.gq, tol) &&
