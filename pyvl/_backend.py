@@ -126,9 +126,12 @@ def default_order(op: str, device: torch.device, layout: str = "nchw", training:
 # training stays on the reference. channels_last forward + backward, after the register-blocked 3x3 weight gradient
 # and the stride-1 input gradient through the forward strips (stop 10): geometric mean 0.95-1.00 in three runs (was
 # 0.64); 1.14-1.50x on the 112x112 to 28x28 stride-1 layers, 0.65-0.97x on the stride-2 and 14x14 / 7x7 ones. Not a
-# clear win, so channels_last training stays on the reference too (backend="cpu" selects the kernels).
+# clear win, so channels_last training stays on the reference too (backend="cpu" selects the kernels). NCHW forward
+# + backward after the flat weight gradient and the upsampled strided input gradient of small planes (stop 10): 1.15
+# and 1.30 in two runs (1.27 / 1.31 weighted by MobileNetV1's layer counts; 1.1-3.4x on the large layers, 0.63-0.96x
+# on some 28x28 to 7x7 ones), so NCHW training now takes the C++ kernels.
 _CPU_ORDER = {
-    "depthwise_conv2d": {"nchw": ("cpu", "reference"), "nchw_train": ("reference", "cpu"),
+    "depthwise_conv2d": {"nchw": ("cpu", "reference"), "nchw_train": ("cpu", "reference"),
                          "channels_last": ("reference", "cpu")},
     "dsconv2d": ("cpu", "reference"),
 }
