@@ -313,6 +313,18 @@ void forward_nchw(const T* x, const T* weight, const T* bias, T* out, const Conv
 // buffer so that every tap is one contiguous run (as PhasePlanes does for the forward). Of the taps' products a
 // 1/(S_h*S_w) share are nonzero, but all of them vectorize; the phase loop below ran 7- and 14-wide rows one short
 // axpy at a time (0.4-0.6x PyTorch at MobileNet's 28x28 and 14x14 stride-2 layers).
+// f(state, p) for every plane p = n*C + c of an NCHW problem, in parallel (static split of the planes); `state` is
+// the thread's scratch, made once by make_state().
+template <typename MakeState, typename F>
+void for_each_plane(const Conv2dShape& s, MakeState make_state, F f) {
+#pragma omp parallel
+  {
+    auto state = make_state();
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < s.N * s.C; ++p) f(state, p);
+  }
+}
+
 inline bool upsampled_input_grad_applies(const Conv2dShape& s) {
   return (s.stride_h > 1 || s.stride_w > 1) && s.W <= kPadCopyMaxWidth && s.pad_h >= 0 && s.pad_w >= 0 &&
          s.pad_h <= (s.KH - 1) * s.dil_h && s.pad_w <= (s.KW - 1) * s.dil_w;
@@ -331,34 +343,30 @@ void backward_input_nchw_upsampled(const T* grad_out, const T* weight, T* grad_x
   for (int64_t kh = 0; kh < s.KH; ++kh)
     for (int64_t kw = 0; kw < s.KW; ++kw)
       offset[kh * s.KW + kw] = (s.KH - 1 - kh) * s.dil_h * Wu + (s.KW - 1 - kw) * s.dil_w;
-#pragma omp parallel
-  {
-    std::vector<T> up(Hu * Wu, T(0)), grid(G);
-#pragma omp for collapse(2) schedule(static)
-    for (int64_t n = 0; n < s.N; ++n) {
-      for (int64_t c = 0; c < s.C; ++c) {
-        const int64_t p = n * s.C + c;
-        const T* go = grad_out + p * s.OH * s.OW;
-        const T* wc = weight + c * KK;
-        // Only the (S*oh, S*ow) cells are ever written, the same ones for every plane; the rest stay zero.
-        for (int64_t oh = 0; oh < s.OH; ++oh) {
-          T* row = up.data() + (r0 + oh * s.stride_h) * Wu + c0;
-          for (int64_t ow = 0; ow < s.OW; ++ow) row[ow * s.stride_w] = go[oh * s.OW + ow];
-        }
-        std::fill(grid.begin(), grid.end(), T(0));
-        for (int64_t k = 0; k < KK; ++k) {
-          const T wk = wc[k];
-          const T* src = up.data() + offset[k];
-          T* dst = grid.data();
-#pragma omp simd
-          for (int64_t i = 0; i < G; ++i) dst[i] += wk * src[i];
-        }
-        T* gx = grad_x + p * s.H * s.W;
-        for (int64_t ih = 0; ih < s.H; ++ih)
-          std::copy(grid.data() + ih * Wu, grid.data() + ih * Wu + s.W, gx + ih * s.W);
-      }
+  struct Scratch {
+    std::vector<T> up, grid;
+  };
+  auto make = [&] { return Scratch{std::vector<T>(Hu * Wu, T(0)), std::vector<T>(G)}; };
+  for_each_plane(s, make, [&](Scratch& sc, int64_t p) {
+    const T* go = grad_out + p * s.OH * s.OW;
+    const T* wc = weight + (p % s.C) * KK;
+    // Only the (S*oh, S*ow) cells are ever written, the same ones for every plane; the rest stay zero.
+    for (int64_t oh = 0; oh < s.OH; ++oh) {
+      T* row = sc.up.data() + (r0 + oh * s.stride_h) * Wu + c0;
+      for (int64_t ow = 0; ow < s.OW; ++ow) row[ow * s.stride_w] = go[oh * s.OW + ow];
     }
-  }
+    std::fill(sc.grid.begin(), sc.grid.end(), T(0));
+    for (int64_t k = 0; k < KK; ++k) {
+      const T wk = wc[k];
+      const T* src = sc.up.data() + offset[k];
+      T* dst = sc.grid.data();
+#pragma omp simd
+      for (int64_t i = 0; i < G; ++i) dst[i] += wk * src[i];
+    }
+    T* gx = grad_x + p * s.H * s.W;
+    for (int64_t ih = 0; ih < s.H; ++ih)
+      std::copy(sc.grid.data() + ih * Wu, sc.grid.data() + ih * Wu + s.W, gx + ih * s.W);
+  });
 }
 
 template <typename T>
@@ -394,40 +402,32 @@ void backward_input_nchw(const T* grad_out, const T* weight, T* grad_x, const Co
   const TapTable rows = transposed_taps(s.H, s.OH, s.KH, s.stride_h, s.pad_h, s.dil_h);
   const int64_t sw = s.stride_w;
   const int64_t J_max = (s.W + sw - 1) / sw;
-#pragma omp parallel
-  {
-    std::vector<T> phase(J_max);
-#pragma omp for collapse(2) schedule(static)
-    for (int64_t n = 0; n < s.N; ++n) {
-      for (int64_t c = 0; c < s.C; ++c) {
-        const int64_t p = n * s.C + c;
-        const T* go = grad_out + p * s.OH * s.OW;
-        const T* wc = weight + c * KK;
-        T* gx = grad_x + p * s.H * s.W;
-        for (int64_t ih = 0; ih < s.H; ++ih) {
-          T* gx_row = gx + ih * s.W;
-          const int64_t nh = rows.count[ih];
-          for (int64_t r = 0; r < std::min(sw, s.W); ++r) {
-            const int64_t J = (s.W - 1 - r) / sw + 1;
-            std::fill(phase.begin(), phase.begin() + J, T(0));
-            for (int64_t a = 0; a < nh; ++a) {
-              const int64_t kh = rows.k[ih * s.KH + a];
-              const T* go_row = go + rows.pos[ih * s.KH + a] * s.OW;
-              for (int64_t kw = 0; kw < s.KW; ++kw) {
-                const int64_t q = r + s.pad_w - kw * s.dil_w;
-                if (((q % sw) + sw) % sw != 0) continue;
-                const int64_t ow0 = floor_div(q, sw);
-                const int64_t j_lo = std::max<int64_t>(0, -ow0), j_hi = std::min(J, s.OW - ow0);
-                if (j_hi > j_lo)
-                  axpy_strided<T, 1>(phase.data() + j_lo, go_row + ow0 + j_lo, wc[kh * s.KW + kw], j_hi - j_lo, 1);
-              }
-            }
-            for (int64_t j = 0; j < J; ++j) gx_row[r + j * sw] = phase[j];
+  for_each_plane(s, [&] { return std::vector<T>(J_max); }, [&](std::vector<T>& phase, int64_t p) {
+    const T* go = grad_out + p * s.OH * s.OW;
+    const T* wc = weight + (p % s.C) * KK;
+    T* gx = grad_x + p * s.H * s.W;
+    for (int64_t ih = 0; ih < s.H; ++ih) {
+      T* gx_row = gx + ih * s.W;
+      const int64_t nh = rows.count[ih];
+      for (int64_t r = 0; r < std::min(sw, s.W); ++r) {
+        const int64_t J = (s.W - 1 - r) / sw + 1;
+        std::fill(phase.begin(), phase.begin() + J, T(0));
+        for (int64_t a = 0; a < nh; ++a) {
+          const int64_t kh = rows.k[ih * s.KH + a];
+          const T* go_row = go + rows.pos[ih * s.KH + a] * s.OW;
+          for (int64_t kw = 0; kw < s.KW; ++kw) {
+            const int64_t q = r + s.pad_w - kw * s.dil_w;
+            if (((q % sw) + sw) % sw != 0) continue;
+            const int64_t ow0 = floor_div(q, sw);
+            const int64_t j_lo = std::max<int64_t>(0, -ow0), j_hi = std::min(J, s.OW - ow0);
+            if (j_hi > j_lo)
+              axpy_strided<T, 1>(phase.data() + j_lo, go_row + ow0 + j_lo, wc[kh * s.KW + kw], j_hi - j_lo, 1);
           }
         }
+        for (int64_t j = 0; j < J; ++j) gx_row[r + j * sw] = phase[j];
       }
     }
-  }
+  });
 }
 
 // sum_j a[j] * b[j*SW]
@@ -466,6 +466,29 @@ inline void dot3x3_row(const T* __restrict g, const T* __restrict r0, const T* _
 // [Hp][Wp] and grad_out into a grid [OH][Wp] whose columns past OW are zero, so that tap (kh, kw) is one dot product
 // of OH*Wp contiguous elements: grid . padded[kh*dh*Wp + kw*dw + ...]. The row-by-row loop below spent most of its
 // time on 7- to 14-wide rows' borders and tails (2.1 ms for 8 x 1024 planes of 7x7).
+// grad_weight[c] = sum over images n of plane(state, x plane (n, c), grad_out plane (n, c), acc): whole channels per
+// thread, so each grad_weight[c] is a sum one thread owns, in image order (no reduction across threads). `state`
+// is the thread's scratch, made once by make_state().
+template <typename T, typename MakeState, typename Plane>
+void weight_grad_by_channel(const T* grad_out, const T* x, T* grad_weight, const Conv2dShape& s, MakeState make_state,
+                            Plane plane) {
+  const int64_t KK = s.KH * s.KW;
+#pragma omp parallel
+  {
+    auto state = make_state();
+    std::vector<T> acc(KK);
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < s.C; ++c) {
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t n = 0; n < s.N; ++n) {
+        const int64_t p = n * s.C + c;
+        plane(state, x + p * s.H * s.W, grad_out + p * s.OH * s.OW, acc.data());
+      }
+      std::copy(acc.begin(), acc.end(), grad_weight + c * KK);
+    }
+  }
+}
+
 inline bool flat_weight_grad_applies(const Conv2dShape& s) {
   return s.stride_h == 1 && s.stride_w == 1 && s.W <= kPadCopyMaxWidth && s.pad_h >= 0 && s.pad_w >= 0;
 }
@@ -476,32 +499,24 @@ void backward_weight_nchw_flat(const T* grad_out, const T* x, T* grad_weight, co
   std::vector<int64_t> offset(KK);
   for (int64_t kh = 0; kh < s.KH; ++kh)
     for (int64_t kw = 0; kw < s.KW; ++kw) offset[kh * s.KW + kw] = kh * s.dil_h * Wp + kw * s.dil_w;
-#pragma omp parallel
-  {
-    // Reads reach Hp*Wp + (KW-1)*dil_w - 1 (OH = Hp - (KH-1)*dil_h at stride 1): zero slack past the plane.
-    std::vector<T> padded(Hp * Wp + (s.KW - 1) * s.dil_w, T(0)), grid(G, T(0)), acc(KK);
-#pragma omp for schedule(static)
-    for (int64_t c = 0; c < s.C; ++c) {
-      std::fill(acc.begin(), acc.end(), T(0));
-      for (int64_t n = 0; n < s.N; ++n) {
-        const int64_t p = n * s.C + c;
-        const T* xp = x + p * s.H * s.W;
-        const T* gp = grad_out + p * s.OH * s.OW;
-        for (int64_t h = 0; h < s.H; ++h)
-          std::copy(xp + h * s.W, xp + (h + 1) * s.W, padded.data() + (h + s.pad_h) * Wp + s.pad_w);
-        for (int64_t oh = 0; oh < s.OH; ++oh) std::copy(gp + oh * s.OW, gp + (oh + 1) * s.OW, grid.data() + oh * Wp);
-        for (int64_t k = 0; k < KK; ++k) {
-          const T* xs = padded.data() + offset[k];
-          const T* g = grid.data();
-          T sum = T(0);
+  struct Scratch {
+    std::vector<T> padded, grid;
+  };
+  // Reads reach Hp*Wp + (KW-1)*dil_w - 1 (OH = Hp - (KH-1)*dil_h at stride 1): zero slack past the plane.
+  auto make = [&] { return Scratch{std::vector<T>(Hp * Wp + (s.KW - 1) * s.dil_w, T(0)), std::vector<T>(G, T(0))}; };
+  weight_grad_by_channel(grad_out, x, grad_weight, s, make, [&](Scratch& sc, const T* xp, const T* gp, T* acc) {
+    for (int64_t h = 0; h < s.H; ++h)
+      std::copy(xp + h * s.W, xp + (h + 1) * s.W, sc.padded.data() + (h + s.pad_h) * Wp + s.pad_w);
+    for (int64_t oh = 0; oh < s.OH; ++oh) std::copy(gp + oh * s.OW, gp + (oh + 1) * s.OW, sc.grid.data() + oh * Wp);
+    for (int64_t k = 0; k < KK; ++k) {
+      const T* xs = sc.padded.data() + offset[k];
+      const T* g = sc.grid.data();
+      T sum = T(0);
 #pragma omp simd reduction(+ : sum)
-          for (int64_t i = 0; i < G; ++i) sum += g[i] * xs[i];
-          acc[k] += sum;
-        }
-      }
-      std::copy(acc.begin(), acc.end(), grad_weight + c * KK);
+      for (int64_t i = 0; i < G; ++i) sum += g[i] * xs[i];
+      acc[k] += sum;
     }
-  }
+  });
 }
 
 template <typename T>
@@ -510,65 +525,52 @@ void backward_weight_nchw(const T* grad_out, const T* x, T* grad_weight, const C
     backward_weight_nchw_flat(grad_out, x, grad_weight, s);
     return;
   }
-  const int64_t KK = s.KH * s.KW;
   std::vector<int64_t> lo(s.KW), hi(s.KW);
   for (int64_t kw = 0; kw < s.KW; ++kw) valid_outputs(kw, s.W, s.OW, s.stride_w, s.pad_w, s.dil_w, lo[kw], hi[kw]);
   // Columns where all kw are in bounds, for the fused 3x3 pass; the rest are added per tap.
   const int64_t in_lo = *std::max_element(lo.begin(), lo.end());
   const int64_t in_hi = std::max(in_lo, *std::min_element(hi.begin(), hi.end()));
   const bool fused3x3 = s.KH == 3 && s.KW == 3 && s.dil_w == 1 && s.stride_w == 1;
-  // Whole channels per thread: each grad_weight[c] is a sum that one thread owns, so no reduction across threads.
-#pragma omp parallel
-  {
-    std::vector<T> acc(KK);
-#pragma omp for schedule(static)
-    for (int64_t c = 0; c < s.C; ++c) {
-      std::fill(acc.begin(), acc.end(), T(0));
-      for (int64_t n = 0; n < s.N; ++n) {
-        const int64_t p = n * s.C + c;
-        const T* xp = x + p * s.H * s.W;
-        const T* gp = grad_out + p * s.OH * s.OW;
-        for (int64_t oh = 0; oh < s.OH; ++oh) {
-          const T* gr = gp + oh * s.OW;
-          const int64_t ih0 = oh * s.stride_h - s.pad_h;
-          const bool rows_inside = ih0 >= 0 && ih0 + (s.KH - 1) * s.dil_h < s.H;
-          if (fused3x3 && rows_inside && in_hi > in_lo) {
-            const int64_t col0 = in_lo - s.pad_w;
-            const T* r0 = xp + ih0 * s.W + col0;
-            const T* r1 = r0 + s.dil_h * s.W;
-            const T* r2 = r1 + s.dil_h * s.W;
-            dot3x3_row(gr + in_lo, r0, r1, r2, in_hi - in_lo, acc.data());
-            for (int64_t kh = 0; kh < 3; ++kh) {
-              const T* xr = xp + (ih0 + kh * s.dil_h) * s.W;
-              for (int64_t kw = 0; kw < 3; ++kw) {
-                T sum = 0;
-                for (int64_t ow = lo[kw]; ow < in_lo; ++ow) sum += gr[ow] * xr[ow - s.pad_w + kw];
-                for (int64_t ow = in_hi; ow < hi[kw]; ++ow) sum += gr[ow] * xr[ow - s.pad_w + kw];
-                acc[kh * 3 + kw] += sum;
-              }
-            }
-            continue;
-          }
-          for (int64_t kh = 0; kh < s.KH; ++kh) {
-            const int64_t ih = ih0 + kh * s.dil_h;
-            if (ih < 0 || ih >= s.H) continue;
-            const T* xr = xp + ih * s.W;
-            for (int64_t kw = 0; kw < s.KW; ++kw) {
-              const int64_t n_ow = hi[kw] - lo[kw];
-              if (n_ow <= 0) continue;
-              const T* xs = xr + lo[kw] * s.stride_w - s.pad_w + kw * s.dil_w;
-              T sum;
-              if (s.stride_w == 1) sum = dot_strided<T, 1>(gr + lo[kw], xs, n_ow, 1);
-              else if (s.stride_w == 2) sum = dot_strided<T, 2>(gr + lo[kw], xs, n_ow, 2);
-              else sum = dot_strided<T, 0>(gr + lo[kw], xs, n_ow, s.stride_w);
-              acc[kh * s.KW + kw] += sum;
-            }
+  auto make = [] { return 0; };
+  weight_grad_by_channel(grad_out, x, grad_weight, s, make, [&](int, const T* xp, const T* gp, T* acc) {
+    for (int64_t oh = 0; oh < s.OH; ++oh) {
+      const T* gr = gp + oh * s.OW;
+      const int64_t ih0 = oh * s.stride_h - s.pad_h;
+      const bool rows_inside = ih0 >= 0 && ih0 + (s.KH - 1) * s.dil_h < s.H;
+      if (fused3x3 && rows_inside && in_hi > in_lo) {
+        const int64_t col0 = in_lo - s.pad_w;
+        const T* r0 = xp + ih0 * s.W + col0;
+        const T* r1 = r0 + s.dil_h * s.W;
+        const T* r2 = r1 + s.dil_h * s.W;
+        dot3x3_row(gr + in_lo, r0, r1, r2, in_hi - in_lo, acc);
+        for (int64_t kh = 0; kh < 3; ++kh) {
+          const T* xr = xp + (ih0 + kh * s.dil_h) * s.W;
+          for (int64_t kw = 0; kw < 3; ++kw) {
+            T sum = 0;
+            for (int64_t ow = lo[kw]; ow < in_lo; ++ow) sum += gr[ow] * xr[ow - s.pad_w + kw];
+            for (int64_t ow = in_hi; ow < hi[kw]; ++ow) sum += gr[ow] * xr[ow - s.pad_w + kw];
+            acc[kh * 3 + kw] += sum;
           }
         }
+        continue;
       }
-      std::copy(acc.begin(), acc.end(), grad_weight + c * KK);
+      for (int64_t kh = 0; kh < s.KH; ++kh) {
+        const int64_t ih = ih0 + kh * s.dil_h;
+        if (ih < 0 || ih >= s.H) continue;
+        const T* xr = xp + ih * s.W;
+        for (int64_t kw = 0; kw < s.KW; ++kw) {
+          const int64_t n_ow = hi[kw] - lo[kw];
+          if (n_ow <= 0) continue;
+          const T* xs = xr + lo[kw] * s.stride_w - s.pad_w + kw * s.dil_w;
+          T sum;
+          if (s.stride_w == 1) sum = dot_strided<T, 1>(gr + lo[kw], xs, n_ow, 1);
+          else if (s.stride_w == 2) sum = dot_strided<T, 2>(gr + lo[kw], xs, n_ow, 2);
+          else sum = dot_strided<T, 0>(gr + lo[kw], xs, n_ow, s.stride_w);
+          acc[kh * s.KW + kw] += sum;
+        }
+      }
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------------
