@@ -336,7 +336,8 @@ void backward_input_nchw_upsampled(const T* grad_out, const T* weight, T* grad_x
   // grad_x[ih][iw] = sum_k w[kh][kw] U[ih + ph - kh*dh][iw + pw - kw*dw]. U[u][v] sits in the buffer at
   // (r0 + u) * Wu + c0 + v with r0 = (KH-1)*dh - ph >= 0 (likewise c0), so output (ih, iw), at flat index
   // ih*Wu + iw of the grid, reads tap k at + (KH-1-kh)*dh*Wu + (KW-1-kw)*dw; cells never written are U's zeros
-  // and the padding. The last read is Hu*Wu - 1.
+  // and the padding. The grid's junk columns (iw >= W) of its last row read up to Hu*Wu - 1 + (KW-1)*dw, so the
+  // buffer has that much zero slack (tier 6's ASan caught the read past the end when it had none).
   const int64_t r0 = (s.KH - 1) * s.dil_h - s.pad_h, c0 = (s.KW - 1) * s.dil_w - s.pad_w;
   const int64_t Wu = s.W + (s.KW - 1) * s.dil_w, Hu = s.H + (s.KH - 1) * s.dil_h, G = s.H * Wu;
   std::vector<int64_t> offset(KK);
@@ -346,7 +347,7 @@ void backward_input_nchw_upsampled(const T* grad_out, const T* weight, T* grad_x
   struct Scratch {
     std::vector<T> up, grid;
   };
-  auto make = [&] { return Scratch{std::vector<T>(Hu * Wu, T(0)), std::vector<T>(G)}; };
+  auto make = [&] { return Scratch{std::vector<T>(Hu * Wu + (s.KW - 1) * s.dil_w, T(0)), std::vector<T>(G)}; };
   for_each_plane(s, make, [&](Scratch& sc, int64_t p) {
     const T* go = grad_out + p * s.OH * s.OW;
     const T* wc = weight + (p % s.C) * KK;
