@@ -99,7 +99,7 @@ def test_torch_compile_fullgraph():
 @pytest.mark.parametrize("bias_shape", ["NM", "B1NM", "BHNM"])
 def test_deterministic_bitwise(N, M, bias_shape):
     # Run to run, and across thread counts: the C++ backward takes a single pass when there are at least two bias
-    # groups per thread (or every head is one tile) and two passes otherwise, so 1 and 2 threads can take different
+    # groups per thread and two passes otherwise, so 1 and 2 threads can take different
     # paths for the same problem. Both add in the same order, so the results must be bitwise equal.
     g = torch.Generator().manual_seed(4)
     q, k, v = torch.randn(2, 3, N, 16, generator=g), torch.randn(2, 3, M, 16, generator=g), \

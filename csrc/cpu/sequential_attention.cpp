@@ -12,9 +12,10 @@
 // element-wise work (scale, bias, exp, dS) runs over span(nk) = nk rounded up to 48 columns, not the whole kBK:
 // at Graphormer's 30-50 nodes a full 96-wide row was half or more padding.
 //
-// When there are at least two bias groups per thread (a group is a head when no bias gradient is wanted), or every
-// head is one tile, the backward takes a single pass instead of (A) + (B): one task per group computes each of
-// its heads' P and dS tiles once and derives dV, dK, dQ and dbias from them. Each head belongs to one group, so
+// When there are at least two bias groups per thread (a group is a head when no bias gradient is wanted), the
+// backward takes a single pass instead of (A) + (B): one task per group computes each of its heads' P and dS tiles
+// once and derives dV, dK, dQ and dbias from them. (With fewer groups that pass would leave threads idle: a bias
+// shared by every head is one group, one task.) Each head belongs to one group, so
 // the task owns every output it writes. Both paths add every sum in the same order (query blocks, key blocks,
 // heads in (b, h) order), so they give bitwise the same result; tests/test_sequential_attention.py checks it
 // across thread counts, which switch between them.
@@ -378,7 +379,7 @@ void sequential_attention_backward(HeadRows<const T> grad_out, HeadRows<const T>
   }
 
   const int64_t GB = grad_bias ? bias_B : s.B, GH = grad_bias ? bias_H : s.H;
-  if (GB * GH >= 2 * omp_get_max_threads() || (nqb == 1 && nkb == 1)) {
+  if (GB * GH >= 2 * omp_get_max_threads()) {
     per_head_backward(grad_out, q, k, v, bias, delta.data(), lse, grad_q, grad_k, grad_v, grad_bias, GB, GH, s);
     return;
   }
