@@ -912,7 +912,6 @@ constexpr int64_t kBandPixels = 1024;
 template <typename T, typename V, int S>
 inline void bw3x3_vector(const T* g, const T* x, const T* zero, T* partial, const Conv2dShape& s, int64_t n,
                          int64_t oh0, int64_t oh1, int64_t ow_lo, int64_t ow_hi, int64_t c) {
-  constexpr int L = simd::lanes<T, V>;
   const int64_t C = s.C;
   V acc[9];
 #pragma GCC unroll 9
@@ -950,7 +949,6 @@ inline void bw3x3_vector(const T* g, const T* x, const T* zero, T* partial, cons
   }
 #pragma GCC unroll 9
   for (int k = 0; k < 9; ++k) simd::store(partial + k * C + c, acc[k]);
-  (void)L;
 }
 
 template <typename T, int S>
