@@ -29,6 +29,10 @@ struct Vec<double> {
 template <typename T>
 using vec_t = typename Vec<T>::type;
 
+// A 64-byte vector of floats, for the kernels that have an AVX-512 path (fmadd below is a single instruction only
+// under __AVX512F__; elsewhere GCC splits it).
+typedef float vec512f __attribute__((vector_size(64)));
+
 // Lanes of V over elements of T (1 when V is T).
 template <typename T, typename V>
 constexpr int lanes = sizeof(V) / sizeof(T);
@@ -64,6 +68,13 @@ inline vec_t<float> fmadd(vec_t<float> a, vec_t<float> b, vec_t<float> c) {
   return a * b + c;
 #endif
 }
+inline vec512f fmadd(vec512f a, vec512f b, vec512f c) {
+#if defined(__AVX512F__)
+  return _mm512_fmadd_ps(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
 inline vec_t<double> fmadd(vec_t<double> a, vec_t<double> b, vec_t<double> c) {
 #if defined(__AVX__) && defined(__FMA__)
   return _mm256_fmadd_pd(a, b, c);
@@ -76,7 +87,9 @@ inline vec_t<double> fmadd(vec_t<double> a, vec_t<double> b, vec_t<double> c) {
 // that produced v into several FMAs as memory operands (which re-reads memory once per use).
 template <typename V>
 inline void pin(V& v) {
-#if defined(__AVX__)
+#if defined(__AVX512F__)
+  asm("" : "+v"(v));  // any of the 32 vector registers
+#elif defined(__AVX__)
   asm("" : "+x"(v));
 #else
   (void)v;

@@ -107,6 +107,10 @@ int main() {
       make_shape(1, 19, 10, 9, 5, 3, 2, 1, 2, 0, 2, 1),    // 5x3 kernel, no column padding, dilated strided rows
       make_shape(1, 24, 5, 2, 3, 3, 1, 2, 1, 2, 1, 1),     // width 2, padding 2: strips over the padding alone
       make_shape(3, 16, 6, 30, 3, 3, 1, 1, 0, 0, 1, 1),    // no padding: interior strips only, exact vectors
+      make_shape(1, 2, 19, 150, 3, 3, 1, 1, 1, 1, 1, 1),   // NCHW 16-lane chunks: 10 per row (tiles of 8 + 2)
+      make_shape(1, 2, 13, 301, 3, 3, 2, 2, 1, 1, 1, 1),   // the same at stride 2, odd width
+      make_shape(1, 2, 9, 170, 5, 5, 1, 1, 2, 2, 1, 1),    // 11 chunks through the generic (non-3x3) tile
+      make_shape(2, 3, 23, 16, 3, 3, 2, 2, 1, 1, 1, 1),    // 3x3 stride 2 rows in tiles of 8 + 4 output rows
   };
   std::mt19937 rng(1234);
   int failures = 0;
