@@ -11,6 +11,7 @@
 //   NCHW: out[o][p]  = sum_c W[o][c] * mid[c][p]  -> rows = out channels (W packed in MR panels), columns = pixels
 // and the strip buffer is kept in the layout the depthwise pass produces naturally for that input layout.
 #include <algorithm>
+#include <numeric>
 #include <vector>
 
 #include "cpu/depthwise_conv2d.h"
@@ -20,8 +21,8 @@ namespace pyvl {
 namespace cpu {
 namespace {
 
-constexpr int MR = kGemmMR;
-constexpr int NR = kGemmNR;
+constexpr int MR = kWideMR;
+constexpr int NR = kWideNR;
 
 // Strip buffer budget: half of a 1 MiB L2, leaving room for the weight panel and the input rows.
 constexpr int64_t kStripBytes = 512 * 1024;
@@ -142,9 +143,11 @@ void dsconv2d_forward(const T* x, const T* dw_weight, const T* dw_bias, const T*
   const int64_t C = s.C, P = s.OH * s.OW;
   const bool nhwc = layout == Layout::NHWC;
 
-  // Strip length: a multiple of lcm(MR, NR) = 48 so that only the image's last strip has partial micro-tiles.
-  int64_t TP = kStripBytes / static_cast<int64_t>(sizeof(T)) / C / 48 * 48;
-  TP = std::max<int64_t>(TP, 48);
+  // Strip length: a multiple of lcm(MR, NR) (48 for 6 x 16 tiles, 96 for 12 x 32) so that only the image's last
+  // strip has partial micro-tiles.
+  constexpr int64_t kTileLcm = std::lcm(MR, NR);
+  int64_t TP = kStripBytes / static_cast<int64_t>(sizeof(T)) / C / kTileLcm * kTileLcm;
+  TP = std::max<int64_t>(TP, kTileLcm);
   TP = std::min(TP, P);
   const int64_t strips = ceil_div(P, TP);
 
@@ -185,7 +188,7 @@ void dsconv2d_forward(const T* x, const T* dw_weight, const T* dw_bias, const T*
           const T* bp = packed.data() + jp * C * NR;
           for (int64_t i0 = 0; i0 < np; i0 += MR) {
             const int mr = static_cast<int>(std::min<int64_t>(MR, np - i0));
-            gemm_micro<T>(C, mid.data() + i0 * C, C, 1, bp, NR, acc);
+            gemm_micro_wide<T>(C, mid.data() + i0 * C, C, 1, bp, NR, acc);
             epilogue<T>(acc, mr, nr, nullptr, pw_bias ? pw_bias + j0 : nullptr, act_pw, out_strip + i0 * C_out + j0,
                         C_out);
           }
@@ -199,7 +202,7 @@ void dsconv2d_forward(const T* x, const T* dw_weight, const T* dw_bias, const T*
           T* out_rows = out + (n * C_out + i0) * P + pb;
           for (int64_t j0 = 0; j0 < np; j0 += NR) {
             const int nr = static_cast<int>(std::min<int64_t>(NR, np - j0));
-            gemm_micro<T>(C, ap, 1, MR, mid.data() + j0, ldm, acc);
+            gemm_micro_wide<T>(C, ap, 1, MR, mid.data() + j0, ldm, acc);
             epilogue<T>(acc, mr, nr, pw_bias ? pw_bias + i0 : nullptr, nullptr, act_pw, out_rows + j0, P);
           }
         }
