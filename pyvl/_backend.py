@@ -130,6 +130,10 @@ def default_order(op: str, device: torch.device, layout: str = "nchw", training:
 # + backward after the flat weight gradient and the upsampled strided input gradient of small planes (stop 10): 1.15
 # and 1.30 in two runs (1.27 / 1.31 weighted by MobileNetV1's layer counts; 1.1-3.4x on the large layers, 0.63-0.96x
 # on some 28x28 to 7x7 ones), so NCHW training now takes the C++ kernels.
+# AVX-512 forward kernels (stop 11, a 2-core Sapphire Rapids VM with AVX-512, 2026-12-02, `pyvl bench --ops
+# depthwise_fwd`, two runs): NCHW 1.77 / 2.05x torch, channels_last 0.95 / 1.00x (weighted 0.92 / 1.07): parity, not
+# a clear win, so channels_last keeps the reference; NCHW keeps the kernels. Machines without AVX-512 run the AVX2
+# kernels measured above.
 _CPU_ORDER = {
     "depthwise_conv2d": {"nchw": ("cpu", "reference"), "nchw_train": ("cpu", "reference"),
                          "channels_last": ("reference", "cpu")},
