@@ -382,12 +382,28 @@ class PlaneKernel {
 
  private:
   template <int R, int CB>
-  void tile(const float* x, const float* w, __m512 bv, float* out, int64_t oh0, int64_t c0) {
-    __m512 acc[R][CB];
+  __attribute__((always_inline)) static void fill_tile(__m512 (&acc)[R][CB], __m512 v) {
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-      for (int c = 0; c < CB; ++c) acc[r][c] = bv;
+      for (int c = 0; c < CB; ++c) acc[r][c] = v;
+  }
+
+  // The tile's rows to out (rows oh0.., chunks c0..), each chunk's lanes past the row's end left unwritten.
+  template <int R, int CB>
+  __attribute__((always_inline)) void store_tile(const __m512 (&acc)[R][CB], float* out, int64_t oh0, int64_t c0) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      float* orow = out + (oh0 + r) * g_.OW + c0 * kLanes;
+#pragma GCC unroll 8
+      for (int c = 0; c < CB; ++c) _mm512_mask_storeu_ps(orow + c * kLanes, store_mask_[c0 + c], acc[r][c]);
+    }
+  }
+
+  template <int R, int CB>
+  void tile(const float* x, const float* w, __m512 bv, float* out, int64_t oh0, int64_t c0) {
+    __m512 acc[R][CB];
+    fill_tile<R, CB>(acc, bv);
     const ChunkTap* taps = taps_.data() + c0 * g_.KW;
     int64_t ih0[R];
 #pragma GCC unroll 8
@@ -413,24 +429,16 @@ class PlaneKernel {
         }
       }
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      float* orow = out + (oh0 + r) * g_.OW + c0 * kLanes;
-#pragma GCC unroll 8
-      for (int c = 0; c < CB; ++c) _mm512_mask_storeu_ps(orow + c * kLanes, store_mask_[c0 + c], acc[r][c]);
-    }
+    store_tile<R, CB>(acc, out, oh0, c0);
   }
 
-  // 3x3, stride and dilation 1: each input row of the tile is loaded once per (kw, chunk) and feeds every output row
-  // it touches (up to three), with the nine weights in registers: (R + 2) * 3 loads for 9 * R FMAs. At stride 1 a
-  // chunk tap's load mask and accumulate mask are the same.
+  // 3x3, dilation 1, stride S along both axes: each input row of the tile is loaded once per (kw, chunk) and feeds
+  // every output row it touches (up to three), with the nine weights in registers: (S*(R - 1) + 3) * 3 loads for
+  // 9 * R FMAs.
   template <int R, int CB>
   void tile3(const float* x, const __m512* wv, __m512 bv, float* out, int64_t oh0, int64_t c0) {
     __m512 acc[R][CB];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-      for (int c = 0; c < CB; ++c) acc[r][c] = bv;
+    fill_tile<R, CB>(acc, bv);
     const ChunkTap* taps = taps_.data() + c0 * 3;
 #pragma GCC unroll 17
     for (int i = 0; i < S * (R - 1) + 3; ++i) {
@@ -452,12 +460,7 @@ class PlaneKernel {
         }
       }
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      float* orow = out + (oh0 + r) * g_.OW + c0 * kLanes;
-#pragma GCC unroll 8
-      for (int c = 0; c < CB; ++c) _mm512_mask_storeu_ps(orow + c * kLanes, store_mask_[c0 + c], acc[r][c]);
-    }
+    store_tile<R, CB>(acc, out, oh0, c0);
   }
 
   void dispatch3(int r, int cb, const float* x, const __m512* wv, __m512 bv, float* out, int64_t oh, int64_t c0) {

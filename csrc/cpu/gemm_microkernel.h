@@ -17,20 +17,27 @@ namespace cpu {
 constexpr int kGemmMR = 6;
 constexpr int kGemmNR = 16;
 
-template <typename T>
-inline void gemm_micro(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb,
-                       T acc[kGemmMR][kGemmNR]) {
-  T c[kGemmMR][kGemmNR] = {};
+// The portable tile of any size (double, and float without AVX2).
+template <int MR, int NR, typename T>
+inline void gemm_micro_any(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb,
+                           T acc[MR][NR]) {
+  T c[MR][NR] = {};
   for (int64_t k = 0; k < K; ++k) {
     const T* b = B + k * ldb;
     const T* a = A + k * a_ks;
-    for (int i = 0; i < kGemmMR; ++i) {
+    for (int i = 0; i < MR; ++i) {
       const T ai = a[i * a_rs];
-      for (int j = 0; j < kGemmNR; ++j) c[i][j] += ai * b[j];
+      for (int j = 0; j < NR; ++j) c[i][j] += ai * b[j];
     }
   }
-  for (int i = 0; i < kGemmMR; ++i)
-    for (int j = 0; j < kGemmNR; ++j) acc[i][j] = c[i][j];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = c[i][j];
+}
+
+template <typename T>
+inline void gemm_micro(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb,
+                       T acc[kGemmMR][kGemmNR]) {
+  gemm_micro_any<kGemmMR, kGemmNR>(K, A, a_rs, a_ks, B, ldb, acc);
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -106,19 +113,9 @@ template <typename T>
 inline void gemm_micro_wide(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb,
                             T acc[kWideMR][kWideNR]) {
   if constexpr (kWideMR == kGemmMR && kWideNR == kGemmNR) {
-    gemm_micro<T>(K, A, a_rs, a_ks, B, ldb, acc);
+    gemm_micro<T>(K, A, a_rs, a_ks, B, ldb, acc);  // the AVX2 float specialization where there is one
   } else {
-    T c[kWideMR][kWideNR] = {};
-    for (int64_t k = 0; k < K; ++k) {
-      const T* b = B + k * ldb;
-      const T* a = A + k * a_ks;
-      for (int i = 0; i < kWideMR; ++i) {
-        const T ai = a[i * a_rs];
-        for (int j = 0; j < kWideNR; ++j) c[i][j] += ai * b[j];
-      }
-    }
-    for (int i = 0; i < kWideMR; ++i)
-      for (int j = 0; j < kWideNR; ++j) acc[i][j] = c[i][j];
+    gemm_micro_any<kWideMR, kWideNR>(K, A, a_rs, a_ks, B, ldb, acc);
   }
 }
 

@@ -29,9 +29,11 @@ struct Vec<double> {
 template <typename T>
 using vec_t = typename Vec<T>::type;
 
-// A 64-byte vector of floats, for the kernels that have an AVX-512 path (fmadd below is a single instruction only
-// under __AVX512F__; elsewhere GCC splits it).
+#if defined(__AVX512F__)
+// A 64-byte vector of floats, for the kernels' AVX-512 paths (defined only there: passing it by value without
+// AVX-512 changes the ABI).
 typedef float vec512f __attribute__((vector_size(64)));
+#endif
 
 // Lanes of V over elements of T (1 when V is T).
 template <typename T, typename V>
@@ -68,13 +70,9 @@ inline vec_t<float> fmadd(vec_t<float> a, vec_t<float> b, vec_t<float> c) {
   return a * b + c;
 #endif
 }
-inline vec512f fmadd(vec512f a, vec512f b, vec512f c) {
 #if defined(__AVX512F__)
-  return _mm512_fmadd_ps(a, b, c);
-#else
-  return a * b + c;
+inline vec512f fmadd(vec512f a, vec512f b, vec512f c) { return _mm512_fmadd_ps(a, b, c); }
 #endif
-}
 inline vec_t<double> fmadd(vec_t<double> a, vec_t<double> b, vec_t<double> c) {
 #if defined(__AVX__) && defined(__FMA__)
   return _mm256_fmadd_pd(a, b, c);
