@@ -938,20 +938,10 @@ constexpr int kStripMaxRows = 16;  // kernel rows held in the per-row pointer ar
 // 32 registers) measured 0.6-1.3x of 4 on MobileNet's layers (slower from 56x56 up), so 4 it stays.
 constexpr int kStripPixels = 4;
 
-// The strips' widest vector: 16 floats under AVX-512 (32 registers, so 4 pixels x 2 vectors fit as on AVX2), else
-// the 32-byte vector.
+// The strips' vector: simd::wide_t, 16 floats under AVX-512 (32 registers, so 4 pixels x 2 vectors fit as on
+// AVX2), else the 32-byte vector.
 template <typename T>
-struct StripVector {
-  using type = simd::vec_t<T>;
-};
-#if defined(__AVX512F__)
-template <>
-struct StripVector<float> {
-  using type = simd::vec512f;
-};
-#endif
-template <typename T>
-using strip_vec_t = typename StripVector<T>::type;
+using strip_vec_t = simd::wide_t<T>;
 
 template <typename T>
 constexpr int64_t kChannelPack = 2 * simd::lanes<T, strip_vec_t<T>>;  // 16 or 32 floats, 8 doubles

@@ -1,9 +1,9 @@
 // The fused depthwise-separable block on the CPU.
 //
-// Each OpenMP task is a strip of TP output pixels of one image. The task computes the depthwise result
-// (+ dw_bias, act_dw) for the strip and all C channels into a thread-private buffer sized to stay in L2,
-// then multiplies it by the pointwise weight with the register-blocked micro-kernel, adding pw_bias and
-// act_pw in the epilogue and writing straight into the output. The whole depthwise intermediate never
+// Each OpenMP task is a strip of TP output pixels (NHWC: of the whole batch; NCHW: of one image). The task computes
+// the depthwise result (+ dw_bias, act_dw) for the strip and all C channels into a thread-private buffer sized to
+// stay in L2, then multiplies it by the pointwise weight with the register-blocked micro-kernel, adding pw_bias and
+// act_pw in the tile's epilogue and writing straight into the output. The whole depthwise intermediate never
 // exists, so its N*C*OH*OW round trip through memory disappears.
 //
 // The GEMM is oriented so that the output's contiguous dimension is the micro-kernel's vector dimension:
@@ -14,8 +14,11 @@
 #include <numeric>
 #include <vector>
 
+#include <omp.h>
+
 #include "cpu/depthwise_conv2d.h"
 #include "cpu/gemm_microkernel.h"
+#include "cpu/simd.h"
 
 namespace pyvl {
 namespace cpu {
@@ -53,32 +56,180 @@ inline void valid_cols(int64_t off, int64_t stride, int64_t W, int64_t& lo, int6
   hi = W - 1 - off >= 0 ? (W - 1 - off) / stride + 1 : 0;
 }
 
-// Depthwise for pixels [pb, pe) of image n, NHWC input, into mid[p - pb][c]. wt is the weight as [KH*KW][C]
-// so that the inner loop runs over contiguous channels for both x and the weight.
+// One micro-tile of the pointwise GEMM with its epilogue. The reduction over K may come in blocks: a block that is
+// not the last (!finish) stores its sums to `part` (a private MR x NR tile, row stride NR), and a later block
+// (accumulate) adds them back. The last block adds the bias (along rows or along columns), activates, and writes
+// out[0:mr][0:nr] (row stride ldc). Partial sums go to `part` rather than to out: out's rows can lie 4 KiB apart
+// (C_out = 1024 floats), which puts a whole tile in two L1 sets. Rows and columns past mr / nr are computed on
+// whatever A and B hold there and never written to out.
 template <typename T>
-void depthwise_strip_nhwc(const T* x, const T* wt, const T* bias, T* mid, const Conv2dShape& s, int64_t n,
-                          int64_t pb, int64_t pe, Activation act) {
-  const int64_t C = s.C;
-  for (int64_t p = pb; p < pe; ++p) {
-    const int64_t oh = p / s.OW, ow = p % s.OW;
-    T* m = mid + (p - pb) * C;
-    if (bias)
-      for (int64_t c = 0; c < C; ++c) m[c] = bias[c];
-    else
-      for (int64_t c = 0; c < C; ++c) m[c] = T(0);
-    for (int64_t kh = 0; kh < s.KH; ++kh) {
-      const int64_t ih = oh * s.stride_h - s.pad_h + kh * s.dil_h;
-      if (ih < 0 || ih >= s.H) continue;
-      for (int64_t kw = 0; kw < s.KW; ++kw) {
-        const int64_t iw = ow * s.stride_w - s.pad_w + kw * s.dil_w;
-        if (iw < 0 || iw >= s.W) continue;
-        const T* __restrict xr = x + ((n * s.H + ih) * s.W + iw) * C;
-        const T* __restrict wr = wt + (kh * s.KW + kw) * C;
-        T* __restrict mr = m;
-        for (int64_t c = 0; c < C; ++c) mr[c] += xr[c] * wr[c];
+struct GemmTile {
+  int64_t K;
+  int mr, nr;
+  bool accumulate, finish;
+  T* part;
+  const T* row_bias;
+  const T* col_bias;
+  Activation act;
+};
+
+template <typename T>
+inline void gemm_tile(const GemmTile<T>& t, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb, T* out,
+                      int64_t ldc) {
+  alignas(64) T acc[MR][NR];
+  gemm_micro_wide<T>(t.K, A, a_rs, a_ks, B, ldb, acc);
+  for (int i = 0; i < t.mr; ++i) {
+    T* o = out + i * ldc;
+    T* q = t.part + i * NR;
+    const T rb = t.finish && t.row_bias ? t.row_bias[i] : T(0);
+    for (int j = 0; j < t.nr; ++j) {
+      const T v = acc[i][j] + (t.accumulate ? q[j] : T(0));
+      if (t.finish) o[j] = activate(v + rb + (t.col_bias ? t.col_bias[j] : T(0)), t.act);
+      else q[j] = v;
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+// 12 x 32 floats in 24 zmm accumulators + 2 for B + 1 broadcast, of 32 registers; the epilogue runs on the
+// accumulators and stores with lane masks, so a tile costs no round trip through a buffer.
+static_assert(MR == 12 && NR == 32, "the AVX-512 tile is 12 x 32");
+template <>
+inline void gemm_tile<float>(const GemmTile<float>& t, const float* A, int64_t a_rs, int64_t a_ks, const float* B,
+                             int64_t ldb, float* out, int64_t ldc) {
+  const __mmask16 m0 = t.nr >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << t.nr) - 1);
+  const __mmask16 m1 = t.nr >= 32 ? __mmask16(0xFFFF) : t.nr > 16 ? __mmask16((1u << (t.nr - 16)) - 1) : 0;
+  __m512 c[MR][2];
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+    if (t.accumulate) {
+      c[i][0] = _mm512_loadu_ps(t.part + i * NR);
+      c[i][1] = _mm512_loadu_ps(t.part + i * NR + 16);
+    } else {
+      c[i][0] = c[i][1] = _mm512_setzero_ps();
+    }
+  }
+  for (int64_t k = 0; k < t.K; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(B);
+    const __m512 b1 = _mm512_loadu_ps(B + 16);
+    B += ldb;
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) {
+      const __m512 a = _mm512_set1_ps(A[i * a_rs]);
+      c[i][0] = _mm512_fmadd_ps(a, b0, c[i][0]);
+      c[i][1] = _mm512_fmadd_ps(a, b1, c[i][1]);
+    }
+    A += a_ks;
+  }
+  if (!t.finish) {
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) {
+      _mm512_storeu_ps(t.part + i * NR, c[i][0]);
+      _mm512_storeu_ps(t.part + i * NR + 16, c[i][1]);
+    }
+    return;
+  }
+  {
+    const __m512 cb0 = t.col_bias ? _mm512_maskz_loadu_ps(m0, t.col_bias) : _mm512_setzero_ps();
+    const __m512 cb1 = t.col_bias ? _mm512_maskz_loadu_ps(m1, t.col_bias + 16) : _mm512_setzero_ps();
+    const __m512 zero = _mm512_setzero_ps(), six = _mm512_set1_ps(6.0f);
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) {
+      if (i >= t.mr) break;
+      const __m512 rb = _mm512_set1_ps(t.row_bias ? t.row_bias[i] : 0.0f);
+      for (int h = 0; h < 2; ++h) {
+        __m512 v = _mm512_add_ps(_mm512_add_ps(c[i][h], rb), h ? cb1 : cb0);
+        // max/min return their second operand when either is NaN: NaN passes through, as activate().
+        if (t.act != Activation::None) v = _mm512_max_ps(zero, v);
+        if (t.act == Activation::ReLU6) v = _mm512_min_ps(six, v);
+        c[i][h] = v;
       }
     }
-    activate_span(m, C, act);
+  }
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+    if (i >= t.mr) break;
+    _mm512_mask_storeu_ps(out + i * ldc, m0, c[i][0]);
+    _mm512_mask_storeu_ps(out + i * ldc + 16, m1, c[i][1]);
+  }
+}
+#endif
+
+// Depthwise for the output pixel rows [r0, r1) of the whole batch (row r = n * P + oh * OW + ow), NHWC input,
+// into mid[r - r0][c] (row stride ldm). wt is the weight as [KH*KW][C], so the channel vectors of x and of the
+// weight are both contiguous. Per pixel the in-bounds taps are listed once (scratch: KH*KW taps and indices, and
+// the KH*KW fixed offsets of an interior pixel's taps), then each block of channels sums over them in registers
+// and is stored once, activated. Pixels go outer and channels inner, so each tap reads one contiguous run of C
+// values, which the hardware prefetchers follow (channels outer, 12 pixels inner ran 1.5-2x slower).
+template <typename T>
+void depthwise_rows_nhwc(const T* x, const T* wt, const T* bias, T* mid, int64_t ldm, const Conv2dShape& s,
+                         int64_t r0, int64_t r1, Activation act, const T** taps, int64_t* tap_index,
+                         int64_t* interior_off) {
+  using V = simd::wide_t<T>;
+  constexpr int L = simd::lanes<T, V>;
+  constexpr int U = 4;  // vectors per channel block: 4 independent FMA chains
+  const int64_t C = s.C, P = s.OH * s.OW, KK = s.KH * s.KW;
+  const V lo = simd::broadcast<V>(T(0)), hi = simd::broadcast<V>(T(6));
+  auto clamp = [&](V v) {  // as activate(): NaN passes through both clamps
+    if (act != Activation::None) v = v < lo ? lo : v;
+    if (act == Activation::ReLU6) v = hi < v ? hi : v;
+    return v;
+  };
+  for (int64_t kh = 0; kh < s.KH; ++kh)
+    for (int64_t kw = 0; kw < s.KW; ++kw) interior_off[kh * s.KW + kw] = (kh * s.dil_h * s.W + kw * s.dil_w) * C;
+  for (int64_t k = 0; k < KK; ++k) tap_index[k] = k * C;
+  // (n, oh, ow) of row r0, then stepped along without divisions.
+  int64_t n = r0 / P, oh = r0 % P / s.OW, ow = r0 % s.OW;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t ih0 = oh * s.stride_h - s.pad_h, iw0 = ow * s.stride_w - s.pad_w;
+    int nt = 0;
+    const int64_t* ti = interior_off;  // the interior case: taps[k] = x0, tap_index[k] + interior offset
+    const T* x0 = x;
+    if (ih0 >= 0 && ih0 + (s.KH - 1) * s.dil_h < s.H && iw0 >= 0 && iw0 + (s.KW - 1) * s.dil_w < s.W) {
+      x0 = x + ((n * s.H + ih0) * s.W + iw0) * C;
+      nt = static_cast<int>(KK);
+    } else {
+      ti = tap_index + KK;  // the border case: explicit tap pointers, and weight offsets after the first KK
+      for (int64_t kh = 0; kh < s.KH; ++kh) {
+        const int64_t ih = ih0 + kh * s.dil_h;
+        if (ih < 0 || ih >= s.H) continue;
+        for (int64_t kw = 0; kw < s.KW; ++kw) {
+          const int64_t iw = iw0 + kw * s.dil_w;
+          if (iw < 0 || iw >= s.W) continue;
+          taps[nt] = x + ((n * s.H + ih) * s.W + iw) * C;
+          tap_index[KK + nt++] = (kh * s.KW + kw) * C;
+        }
+      }
+    }
+    const bool interior = ti == interior_off;
+    auto xp = [&](int t) { return interior ? x0 + interior_off[t] : taps[t]; };
+    auto wp = [&](int t) { return wt + (interior ? tap_index[t] : ti[t]); };
+    T* m = mid + (r - r0) * ldm;
+    int64_t c = 0;
+    for (; c + U * L <= C; c += U * L) {
+      V acc[U];
+      for (int u = 0; u < U; ++u) acc[u] = bias ? simd::load<V>(bias + c + u * L) : lo;
+      for (int t = 0; t < nt; ++t) {
+        const T* xt = xp(t) + c;
+        const T* wt_ = wp(t) + c;
+        for (int u = 0; u < U; ++u) acc[u] = simd::fmadd(simd::load<V>(xt + u * L), simd::load<V>(wt_ + u * L), acc[u]);
+      }
+      for (int u = 0; u < U; ++u) simd::store(m + c + u * L, clamp(acc[u]));
+    }
+    for (; c + L <= C; c += L) {
+      V acc = bias ? simd::load<V>(bias + c) : lo;
+      for (int t = 0; t < nt; ++t) acc = simd::fmadd(simd::load<V>(xp(t) + c), simd::load<V>(wp(t) + c), acc);
+      simd::store(m + c, clamp(acc));
+    }
+    for (; c < C; ++c) {
+      T acc = bias ? bias[c] : T(0);
+      for (int t = 0; t < nt; ++t) acc = simd::fmadd(xp(t)[c], wp(t)[c], acc);
+      m[c] = activate(acc, act);
+    }
+    if (++ow == s.OW) {
+      ow = 0;
+      if (++oh == s.OH) oh = 0, ++n;
+    }
   }
 }
 
@@ -119,21 +270,10 @@ void depthwise_strip_nchw(const T* x, const T* w, const T* bias, T* mid, int64_t
   }
 }
 
-// Writes acc[0:mr][0:nr] + bias, activated, to out (row stride ldc). The bias runs along rows or columns.
-template <typename T>
-inline void epilogue(const T acc[MR][NR], int mr, int nr, const T* row_bias, const T* col_bias, Activation act,
-                     T* out, int64_t ldc) {
-  for (int i = 0; i < mr; ++i) {
-    T* o = out + i * ldc;
-    const T rb = row_bias ? row_bias[i] : T(0);
-    if (col_bias) {
-      for (int j = 0; j < nr; ++j) o[j] = acc[i][j] + rb + col_bias[j];
-    } else {
-      for (int j = 0; j < nr; ++j) o[j] = acc[i][j] + rb;
-    }
-    activate_span(o, nr, act);
-  }
-}
+// The pointwise GEMM's reduction over C runs in blocks of kKC channels, so that one packed weight block (kKC x NR,
+// 32 KiB of floats under AVX-512) stays in L1 while every micro-tile of the strip reads it; the partial sums of a
+// block wait in a private tile buffer (GemmTile::part). Per weight panel the blocks go in order, then the next panel.
+constexpr int64_t kKC = 256;
 
 }  // namespace
 
@@ -142,21 +282,33 @@ void dsconv2d_forward(const T* x, const T* dw_weight, const T* dw_bias, const T*
                       const Conv2dShape& s, int64_t C_out, Activation act_dw, Activation act_pw, Layout layout) {
   const int64_t C = s.C, P = s.OH * s.OW;
   const bool nhwc = layout == Layout::NHWC;
+  const int threads = omp_get_max_threads();
 
-  // Strip length: a multiple of lcm(MR, NR) (48 for 6 x 16 tiles, 96 for 12 x 32) so that only the image's last
-  // strip has partial micro-tiles.
-  constexpr int64_t kTileLcm = std::lcm(MR, NR);
-  int64_t TP = kStripBytes / static_cast<int64_t>(sizeof(T)) / C / kTileLcm * kTileLcm;
-  TP = std::max<int64_t>(TP, kTileLcm);
-  TP = std::min(TP, P);
-  const int64_t strips = ceil_div(P, TP);
-
-  // The pointwise weight, packed once into the micro-kernel's panel order, zero-padded past C_out.
+  // The pointwise weight, packed once into the micro-kernel's panel order [panel][c][lane], zero-padded past C_out,
+  // so that a block of kKC channels of one panel is contiguous.
   const int64_t panel = nhwc ? NR : MR;
   const int64_t panels = ceil_div(C_out, panel);
   std::vector<T> packed(static_cast<size_t>(panels * C * panel), T(0));
   for (int64_t o = 0; o < C_out; ++o)
     for (int64_t c = 0; c < C; ++c) packed[((o / panel) * C + c) * panel + o % panel] = pw_weight[o * C + c];
+
+  // Strips. NHWC output rows of consecutive images are contiguous, so a strip is any run of TP pixel rows of the
+  // whole batch (MobileNet's 7x7 and 14x14 layers would otherwise leave one short strip per image, each
+  // re-reading the whole pointwise weight). The strip count is a multiple of the thread count where that keeps
+  // strips of at least two micro-tile rows, and TP a multiple of MR, so only the batch's last tile is partial.
+  // NCHW output is contiguous only within an image: strips are per image, TP a multiple of lcm(MR, NR) (48 for
+  // 6 x 16 tiles, 96 for 12 x 32).
+  const int64_t rows = nhwc ? s.N * P : P;
+  const int64_t quantum = nhwc ? MR : std::lcm(MR, NR);
+  const int64_t tp_max = std::max<int64_t>(kStripBytes / static_cast<int64_t>(sizeof(T)) / C / quantum, 1) * quantum;
+  int64_t strips = ceil_div(rows, tp_max);
+  if (nhwc) {
+    const int64_t balanced = ceil_div(strips, threads) * threads;
+    if (ceil_div(rows, balanced) >= 2 * MR) strips = balanced;
+  }
+  const int64_t TP = std::min(ceil_div(ceil_div(rows, strips), quantum) * quantum, nhwc ? rows : P);
+  strips = ceil_div(rows, TP);
+  const int64_t tasks = nhwc ? strips : s.N * strips;
 
   std::vector<T> dw_t;
   if (nhwc) {
@@ -167,43 +319,62 @@ void dsconv2d_forward(const T* x, const T* dw_weight, const T* dw_bias, const T*
   }
 
   // NCHW: mid rows padded to whole NR vectors, read (never stored) past the strip by the last micro-tiles.
-  // NHWC: MR spare pixel rows so the last partial micro-tile reads in-bounds rows.
-  const int64_t ldm = nhwc ? C : ceil_div(TP, NR) * NR;
-  const size_t mid_size = static_cast<size_t>(nhwc ? (TP + MR) * C : C * ldm);
+  // NHWC: MR spare pixel rows, read (never stored) by the last partial micro-tile.
+  // Both: one more cache line per row, so that rows 4 KiB apart do not all fall in one L1 set.
+  const int64_t line = 64 / static_cast<int64_t>(sizeof(T));
+  const int64_t ldm = (nhwc ? ceil_div(C, line) * line : ceil_div(TP, NR) * NR) + line;
+  const size_t mid_size = static_cast<size_t>(nhwc ? (TP + MR) * ldm : C * ldm);
 
 #pragma omp parallel
   {
     std::vector<T> mid(mid_size, T(0));
-    alignas(64) T acc[MR][NR];
+    // One panel's partial sums, a tile after another.
+    const int64_t part_tiles = C > kKC ? (nhwc ? ceil_div(TP, MR) : ceil_div(TP, NR)) : 0;
+    std::vector<T> part(static_cast<size_t>(part_tiles * MR * NR));
+    std::vector<const T*> taps(static_cast<size_t>(s.KH * s.KW));
+    std::vector<int64_t> tap_index(static_cast<size_t>(2 * s.KH * s.KW)), interior_off(s.KH * s.KW);
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < s.N * strips; ++t) {
-      const int64_t n = t / strips;
-      const int64_t pb = (t % strips) * TP, pe = std::min(P, pb + TP), np = pe - pb;
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t n = nhwc ? 0 : t / strips;
+      const int64_t pb = (t % strips) * TP, pe = std::min(rows, pb + TP), np = pe - pb;
       if (nhwc) {
-        depthwise_strip_nhwc(x, dw_t.data(), dw_bias, mid.data(), s, n, pb, pe, act_dw);
-        T* out_strip = out + (n * P + pb) * C_out;
-        for (int64_t jp = 0; jp < panels; ++jp) {
-          const int64_t j0 = jp * NR;
-          const int nr = static_cast<int>(std::min<int64_t>(NR, C_out - j0));
-          const T* bp = packed.data() + jp * C * NR;
-          for (int64_t i0 = 0; i0 < np; i0 += MR) {
-            const int mr = static_cast<int>(std::min<int64_t>(MR, np - i0));
-            gemm_micro_wide<T>(C, mid.data() + i0 * C, C, 1, bp, NR, acc);
-            epilogue<T>(acc, mr, nr, nullptr, pw_bias ? pw_bias + j0 : nullptr, act_pw, out_strip + i0 * C_out + j0,
-                        C_out);
-          }
-        }
+        depthwise_rows_nhwc(x, dw_t.data(), dw_bias, mid.data(), ldm, s, pb, pe, act_dw, taps.data(), tap_index.data(),
+                            interior_off.data());
       } else {
         depthwise_strip_nchw(x, dw_weight, dw_bias, mid.data(), ldm, s, n, pb, pe, act_dw);
-        for (int64_t ip = 0; ip < panels; ++ip) {
-          const int64_t i0 = ip * MR;
-          const int mr = static_cast<int>(std::min<int64_t>(MR, C_out - i0));
-          const T* ap = packed.data() + ip * C * MR;
-          T* out_rows = out + (n * C_out + i0) * P + pb;
-          for (int64_t j0 = 0; j0 < np; j0 += NR) {
-            const int nr = static_cast<int>(std::min<int64_t>(NR, np - j0));
-            gemm_micro_wide<T>(C, ap, 1, MR, mid.data() + j0, ldm, acc);
-            epilogue<T>(acc, mr, nr, pw_bias ? pw_bias + i0 : nullptr, nullptr, act_pw, out_rows + j0, P);
+      }
+      for (int64_t jp = 0; jp < panels; ++jp) {
+        for (int64_t k0 = 0; k0 < C; k0 += kKC) {
+          GemmTile<T> tile;
+          tile.K = std::min(kKC, C - k0);
+          tile.accumulate = k0 > 0;
+          tile.finish = k0 + tile.K == C;
+          tile.act = act_pw;
+          const T* wp = packed.data() + (jp * C + k0) * panel;
+          T* part_tile = part.data();  // null when the reduction is a single block
+          if (nhwc) {
+            // out[p][o] = sum_c mid[p][c] W[o][c]: rows = pixels, columns = this panel's output channels.
+            const int64_t j0 = jp * NR;
+            tile.nr = static_cast<int>(std::min<int64_t>(NR, C_out - j0));
+            tile.row_bias = nullptr;
+            tile.col_bias = pw_bias ? pw_bias + j0 : nullptr;
+            for (int64_t i0 = 0; i0 < np; i0 += MR) {
+              tile.mr = static_cast<int>(std::min<int64_t>(MR, np - i0));
+              tile.part = part_tile + i0 / MR * (MR * NR);
+              gemm_tile(tile, mid.data() + i0 * ldm + k0, ldm, 1, wp, NR, out + (pb + i0) * C_out + j0, C_out);
+            }
+          } else {
+            // out[o][p] = sum_c W[o][c] mid[c][p]: rows = this panel's output channels, columns = pixels.
+            const int64_t i0 = jp * MR;
+            tile.mr = static_cast<int>(std::min<int64_t>(MR, C_out - i0));
+            tile.row_bias = pw_bias ? pw_bias + i0 : nullptr;
+            tile.col_bias = nullptr;
+            T* out_rows = out + (n * C_out + i0) * P + pb;
+            for (int64_t j0 = 0; j0 < np; j0 += NR) {
+              tile.nr = static_cast<int>(std::min<int64_t>(NR, np - j0));
+              tile.part = part_tile + j0 / NR * (MR * NR);
+              gemm_tile(tile, wp, 1, MR, mid.data() + k0 * ldm + j0, ldm, out_rows + j0, P);
+            }
           }
         }
       }

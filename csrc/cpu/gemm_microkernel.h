@@ -98,9 +98,10 @@ inline void gemm_micro<float>(int64_t K, const float* A, int64_t a_rs, int64_t a
 }
 #endif
 
-// The same contract with wider tiles where the machine has AVX-512: 12 x 32 floats = 24 zmm accumulators + 2 for B
-// + 1 broadcast, of 32 registers (four times the FMAs per k of the 6 x 16 AVX2 tile, for twice the loads). Used by
-// the fused depthwise-separable block, whose pointwise GEMM is most of its time; elsewhere it is gemm_micro.
+// The tile size of the fused depthwise-separable block's pointwise GEMM: 12 x 32 where the machine has AVX-512 (four
+// times the FMAs per k of the 6 x 16 AVX2 tile, for twice the loads; its float kernel, with the block's epilogue, is
+// in dsconv2d.cpp), else gemm_micro's 6 x 16. gemm_micro_wide is the tile for every other case (double; float
+// without AVX-512).
 #if defined(__AVX512F__)
 constexpr int kWideMR = 12;
 constexpr int kWideNR = 32;
@@ -118,33 +119,6 @@ inline void gemm_micro_wide(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, c
     gemm_micro_any<kWideMR, kWideNR>(K, A, a_rs, a_ks, B, ldb, acc);
   }
 }
-
-#if defined(__AVX512F__)
-template <>
-inline void gemm_micro_wide<float>(int64_t K, const float* A, int64_t a_rs, int64_t a_ks, const float* B, int64_t ldb,
-                                   float acc[kWideMR][kWideNR]) {
-  __m512 c[kWideMR][2];
-#pragma GCC unroll 12
-  for (int i = 0; i < kWideMR; ++i) c[i][0] = c[i][1] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    const __m512 b0 = _mm512_loadu_ps(B);
-    const __m512 b1 = _mm512_loadu_ps(B + 16);
-    B += ldb;
-#pragma GCC unroll 12
-    for (int i = 0; i < kWideMR; ++i) {
-      const __m512 a = _mm512_set1_ps(A[i * a_rs]);
-      c[i][0] = _mm512_fmadd_ps(a, b0, c[i][0]);
-      c[i][1] = _mm512_fmadd_ps(a, b1, c[i][1]);
-    }
-    A += a_ks;
-  }
-#pragma GCC unroll 12
-  for (int i = 0; i < kWideMR; ++i) {
-    _mm512_storeu_ps(acc[i], c[i][0]);
-    _mm512_storeu_ps(acc[i] + 16, c[i][1]);
-  }
-}
-#endif
 
 }  // namespace cpu
 }  // namespace pyvl

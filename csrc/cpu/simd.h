@@ -35,6 +35,20 @@ using vec_t = typename Vec<T>::type;
 typedef float vec512f __attribute__((vector_size(64)));
 #endif
 
+// The widest vector of T the build has: 64 bytes of float under AVX-512, else the 32-byte vec_t.
+template <typename T>
+struct Wide {
+  using type = vec_t<T>;
+};
+#if defined(__AVX512F__)
+template <>
+struct Wide<float> {
+  using type = vec512f;
+};
+#endif
+template <typename T>
+using wide_t = typename Wide<T>::type;
+
 // Lanes of V over elements of T (1 when V is T).
 template <typename T, typename V>
 constexpr int lanes = sizeof(V) / sizeof(T);

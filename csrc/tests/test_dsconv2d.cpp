@@ -1,6 +1,7 @@
 // Checks the fused depthwise-separable block (depthwise + bias + activation -> pointwise + bias + activation;
 // NCHW and NHWC; float and double) against a naive loop written here. Shapes are chosen so that the pixel count
-// and C_out leave partial micro-tiles of both GEMM tile sizes (6 x 16 and 12 x 32) and strips of several tiles.
+// and C_out leave partial micro-tiles of both GEMM tile sizes (6 x 16 and 12 x 32) and strips of several tiles; NHWC
+// strips that span images; channel counts above the GEMM's reduction block (256), so partial sums are carried.
 // Exits non-zero on the first mismatch.
 #include <cstdio>
 #include <random>
@@ -86,6 +87,10 @@ int main() {
       {make_shape(3, 5, 7, 7, 3, 1, 1), 70},      // MobileNet's 7x7 with few channels
       {make_shape(1, 64, 24, 24, 5, 1, 2), 33},   // kernel 5; 576 pixels: several strips of 96 or 48
       {make_shape(2, 3, 6, 5, 3, 1, 0), 1},       // no padding, one output channel
+      {make_shape(3, 300, 5, 5, 3, 1, 1), 45},    // C > 256: the reduction in blocks (256 + 44), 25-pixel images
+                                                  // in strips that cross image boundaries
+      {make_shape(5, 520, 7, 7, 3, 1, 1), 70},    // three reduction blocks (the last of 8 channels), 245 rows
+      {make_shape(2, 40, 13, 13, 3, 2, 1), 64},   // stride 2 into 7x7; 40 channels: a 16-vector, then 8 single
   };
   std::mt19937 rng(4321);
   int failures = 0;
