@@ -78,15 +78,29 @@ inline void gemm_tile(const GemmTile<T>& t, const T* A, int64_t a_rs, int64_t a_
                       int64_t ldc) {
   alignas(64) T acc[MR][NR];
   gemm_micro_wide<T>(t.K, A, a_rs, a_ks, B, ldb, acc);
-  for (int i = 0; i < t.mr; ++i) {
-    T* o = out + i * ldc;
-    T* q = t.part + i * NR;
-    const T rb = t.finish && t.row_bias ? t.row_bias[i] : T(0);
-    for (int j = 0; j < t.nr; ++j) {
-      const T v = acc[i][j] + (t.accumulate ? q[j] : T(0));
-      if (t.finish) o[j] = activate(v + rb + (t.col_bias ? t.col_bias[j] : T(0)), t.act);
-      else q[j] = v;
-    }
+  // The fields in locals, and one plain loop per step: stores through out may alias t, which would otherwise make
+  // the compiler reload every field per element and keep these loops scalar.
+  const int mr = t.mr, nr = t.nr;
+  const T* col_bias = t.col_bias;
+  T* part = t.part;
+  if (t.accumulate)
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) acc[i][j] += part[i * NR + j];
+  if (!t.finish) {
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) part[i * NR + j] = acc[i][j];
+    return;
+  }
+  const Activation act = t.act;
+  for (int i = 0; i < mr; ++i) {
+    T* __restrict row = acc[i];
+    const T rb = t.row_bias ? t.row_bias[i] : T(0);
+    for (int j = 0; j < nr; ++j) row[j] += rb;
+    if (col_bias)
+      for (int j = 0; j < nr; ++j) row[j] += col_bias[j];
+    activate_span(row, nr, act);
+    T* __restrict o = out + i * ldc;
+    for (int j = 0; j < nr; ++j) o[j] = row[j];
   }
 }
 
