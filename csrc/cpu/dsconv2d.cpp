@@ -377,22 +377,30 @@ void dsconv2d_forward(const T* x, const T* dw_weight, const T* dw_bias, const T*
   // sixth of the layer's time at 2 threads.
   std::unique_ptr<T[]> packed(new T[static_cast<size_t>(panels * C * panel)]);
 
-  // Strips. NHWC output rows of consecutive images are contiguous, so a strip is any run of TP pixel rows of the
+  // Strips. NHWC output rows of consecutive images are contiguous, so a strip is any run of pixel rows of the
   // whole batch (MobileNet's 7x7 and 14x14 layers would otherwise leave one short strip per image, each
-  // re-reading the whole pointwise weight). The strip count is a multiple of the thread count where that keeps
-  // strips of at least two micro-tile rows, and TP a multiple of MR, so only the batch's last tile is partial.
+  // re-reading the whole pointwise weight). The batch's micro-tile rows (`units`) are split evenly over the strips,
+  // whose count is a multiple of the thread count where that keeps strips of at least two units, so only the
+  // batch's last tile is partial and the threads' shares differ by at most a unit per strip (fixed-size strips left
+  // one thread 216 rows and the other 176 at C = 1024 7x7). TP is the longest strip.
   // NCHW output is contiguous only within an image: strips are per image, TP a multiple of lcm(MR, NR) (48 for
   // 6 x 16 tiles, 96 for 12 x 32).
   const int64_t rows = nhwc ? s.N * P : P;
   const int64_t quantum = nhwc ? MR : std::lcm(MR, NR);
   const int64_t tp_max = std::max<int64_t>(kStripBytes / static_cast<int64_t>(sizeof(T)) / C / quantum, 1) * quantum;
+  const int64_t units = ceil_div(rows, MR);
   int64_t strips = ceil_div(rows, tp_max);
   if (nhwc) {
     const int64_t balanced = ceil_div(strips, threads) * threads;
-    if (ceil_div(rows, balanced) >= 2 * MR) strips = balanced;
+    if (units >= 2 * balanced) strips = balanced;
   }
-  const int64_t TP = std::min(ceil_div(ceil_div(rows, strips), quantum) * quantum, nhwc ? rows : P);
-  strips = ceil_div(rows, TP);
+  int64_t TP = std::min(ceil_div(ceil_div(rows, strips), quantum) * quantum, nhwc ? rows : P);
+  if (nhwc) {
+    strips = std::min(strips, units);
+    TP = std::min(ceil_div(units, strips) * MR, rows);
+  } else {
+    strips = ceil_div(rows, TP);
+  }
   const int64_t tasks = nhwc ? strips : s.N * strips;
 
   std::vector<T> dw_t;
@@ -435,7 +443,9 @@ void dsconv2d_forward(const T* x, const T* dw_weight, const T* dw_bias, const T*
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t n = nhwc ? 0 : t / strips;
-      const int64_t pb = (t % strips) * TP, pe = std::min(rows, pb + TP), np = pe - pb;
+      const int64_t st = t % strips;
+      const int64_t pb = nhwc ? st * units / strips * MR : st * TP;
+      const int64_t pe = nhwc ? std::min(rows, (st + 1) * units / strips * MR) : std::min(rows, pb + TP), np = pe - pb;
       if (nhwc) {
         depthwise_rows_nhwc(x, dw_t.data(), dw_bias, mid.data(), ldm, s, pb, pe, act_dw, taps.data(), tap_index.data(),
                             interior_off.data());
