@@ -83,8 +83,8 @@ void contrastive_stats_forward(const T* x, const T* y, int64_t n, int64_t m, int
 #pragma omp parallel num_threads(nt)
   {
     const int t = omp_get_thread_num();
-    std::vector<T> tile(BS * BS + kGemmNR);
-    std::vector<T> scratch(kGemmMR * d);
+    std::vector<T> tile(BS * BS + kSimNR);
+    std::vector<T> scratch(kSimMR * d);
     std::vector<T> panel(BS * d);
     T cmax[BS], tmax[BS], cs[BS];
     double csum[BS];
@@ -185,9 +185,9 @@ void contrastive_stats_backward(const T* x, const T* y, int64_t n, int64_t m, in
     std::unique_ptr<std::mutex[]> locks(new std::mutex[row_blocks]);
 #pragma omp parallel
     {
-      std::vector<T> tile(BS * BS + kGemmNR);
-      std::vector<T> G(BS * BS + kGemmNR, T(0));
-      std::vector<T> scratch(kGemmMR * d);
+      std::vector<T> tile(BS * BS + kSimNR);
+      std::vector<T> G(BS * BS + kSimNR, T(0));
+      std::vector<T> scratch(kSimMR * d);
       std::vector<T> panel(BS * d);  // this thread's column block of y, packed once per block
       double gs = 0, gb = 0;
       const int64_t start = omp_get_thread_num() * row_blocks / omp_get_num_threads();

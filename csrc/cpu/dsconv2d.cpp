@@ -126,18 +126,7 @@ inline void gemm_tile<float>(const GemmTile<float>& t, const float* A, int64_t a
       c[i][0] = c[i][1] = _mm512_setzero_ps();
     }
   }
-  for (int64_t k = 0; k < t.K; ++k) {
-    const __m512 b0 = _mm512_loadu_ps(B);
-    const __m512 b1 = _mm512_loadu_ps(B + 16);
-    B += ldb;
-#pragma GCC unroll 12
-    for (int i = 0; i < MR; ++i) {
-      const __m512 a = _mm512_set1_ps(A[i * a_rs]);
-      c[i][0] = _mm512_fmadd_ps(a, b0, c[i][0]);
-      c[i][1] = _mm512_fmadd_ps(a, b1, c[i][1]);
-    }
-    A += a_ks;
-  }
+  wide_kloop(t.K, A, a_rs, a_ks, B, ldb, c);
   if (!t.finish) {
 #pragma GCC unroll 12
     for (int i = 0; i < MR; ++i) {
@@ -296,7 +285,8 @@ void depthwise_rows_nhwc(const T* x, const T* wt, const T* bias, T* mid, int64_t
         for (int t = 0; t < nt; ++t) {
           const T* xt = xp(t) + c;
           const T* wt_ = wp(t) + c;
-          for (int u = 0; u < U; ++u) acc[u] = simd::fmadd(simd::load<V>(xt + u * L), simd::load<V>(wt_ + u * L), acc[u]);
+          for (int u = 0; u < U; ++u)
+            acc[u] = simd::fmadd(simd::load<V>(xt + u * L), simd::load<V>(wt_ + u * L), acc[u]);
         }
         for (int u = 0; u < U; ++u) simd::store(m + c + u * L, clamp(acc[u]));
       }
@@ -427,18 +417,8 @@ void dsconv2d_forward(const T* x, const T* dw_weight, const T* dw_bias, const T*
     std::vector<const T*> taps(static_cast<size_t>(s.KH * s.KW));
     std::vector<int64_t> tap_index(static_cast<size_t>(2 * s.KH * s.KW)), interior_off(s.KH * s.KW);
 #pragma omp for schedule(static)
-    for (int64_t jp = 0; jp < panels; ++jp) {
-      T* dst = packed.get() + jp * C * panel;
-      for (int64_t l = 0; l < panel; ++l) {
-        const int64_t o = jp * panel + l;
-        if (o < C_out) {
-          const T* src = pw_weight + o * C;
-          for (int64_t c = 0; c < C; ++c) dst[c * panel + l] = src[c];
-        } else {
-          for (int64_t c = 0; c < C; ++c) dst[c * panel + l] = T(0);
-        }
-      }
-    }
+    for (int64_t jp = 0; jp < panels; ++jp)
+      pack_panel(pw_weight, C_out, C, C, panel, jp, packed.get() + jp * C * panel);
     // (the implicit barrier: every panel is packed before any strip reads one)
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; ++t) {

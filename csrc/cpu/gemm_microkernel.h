@@ -98,10 +98,10 @@ inline void gemm_micro<float>(int64_t K, const float* A, int64_t a_rs, int64_t a
 }
 #endif
 
-// The tile size of the fused depthwise-separable block's pointwise GEMM: 12 x 32 where the machine has AVX-512 (four
-// times the FMAs per k of the 6 x 16 AVX2 tile, for twice the loads; its float kernel, with the block's epilogue, is
-// in dsconv2d.cpp), else gemm_micro's 6 x 16. gemm_micro_wide is the tile for every other case (double; float
-// without AVX-512).
+// The wide tile, for the fused depthwise-separable block's pointwise GEMM and the similarity / contrastive tiles:
+// 12 x 32 floats where the machine has AVX-512 (24 zmm accumulators + 2 for B + 1 broadcast, of 32 registers: four
+// times the FMAs per k of the 6 x 16 AVX2 tile, for twice the loads), else gemm_micro's 6 x 16. (dsconv2d.cpp has
+// its own AVX-512 float tile, with the block's epilogue on the registers.)
 #if defined(__AVX512F__)
 constexpr int kWideMR = 12;
 constexpr int kWideNR = 32;
@@ -117,6 +117,55 @@ inline void gemm_micro_wide(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, c
     gemm_micro<T>(K, A, a_rs, a_ks, B, ldb, acc);  // the AVX2 float specialization where there is one
   } else {
     gemm_micro_any<kWideMR, kWideNR>(K, A, a_rs, a_ks, B, ldb, acc);
+  }
+}
+
+#if defined(__AVX512F__)
+// The wide tile's k-loop on accumulators the caller owns: c[i][h] += sum_k A(i, k) * B[k * ldb + 16 h ..][0:16].
+// Shared by gemm_micro_wide<float> and dsconv2d.cpp's tile, which differ only in how c starts and ends.
+__attribute__((always_inline)) inline void wide_kloop(int64_t K, const float* A, int64_t a_rs, int64_t a_ks,
+                                                      const float* B, int64_t ldb, __m512 (&c)[kWideMR][2]) {
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(B);
+    const __m512 b1 = _mm512_loadu_ps(B + 16);
+    B += ldb;
+#pragma GCC unroll 12
+    for (int i = 0; i < kWideMR; ++i) {
+      const __m512 a = _mm512_set1_ps(A[i * a_rs]);
+      c[i][0] = _mm512_fmadd_ps(a, b0, c[i][0]);
+      c[i][1] = _mm512_fmadd_ps(a, b1, c[i][1]);
+    }
+    A += a_ks;
+  }
+}
+
+template <>
+inline void gemm_micro_wide<float>(int64_t K, const float* A, int64_t a_rs, int64_t a_ks, const float* B, int64_t ldb,
+                                   float acc[kWideMR][kWideNR]) {
+  __m512 c[kWideMR][2];
+#pragma GCC unroll 12
+  for (int i = 0; i < kWideMR; ++i) c[i][0] = c[i][1] = _mm512_setzero_ps();
+  wide_kloop(K, A, a_rs, a_ks, B, ldb, c);
+#pragma GCC unroll 12
+  for (int i = 0; i < kWideMR; ++i) {
+    _mm512_storeu_ps(acc[i], c[i][0]);
+    _mm512_storeu_ps(acc[i] + 16, c[i][1]);
+  }
+}
+#endif
+
+// Panel p, of width w, of the rows of b (M rows of d values, row stride ldb) in the order the micro-kernels read B:
+// out[k * w + c] = b[(p * w + c) * ldb + k] for rows p * w + c < M, else 0 (out holds d * w values).
+template <typename T>
+inline void pack_panel(const T* b, int64_t M, int64_t d, int64_t ldb, int64_t w, int64_t p, T* out) {
+  for (int64_t c = 0; c < w; ++c) {
+    const int64_t j = p * w + c;
+    if (j < M) {
+      const T* row = b + j * ldb;
+      for (int64_t k = 0; k < d; ++k) out[k * w + c] = row[k];
+    } else {
+      for (int64_t k = 0; k < d; ++k) out[k * w + c] = T(0);
+    }
   }
 }
 

@@ -30,7 +30,7 @@ void similarity_logits_forward(const T* a, const T* b, T* out, int64_t B, int64_
   if (B == 0 || N == 0 || M == 0) return;
   // b is packed (and its norms taken) once per distinct batch: once in all when it is broadcast.
   const int64_t nb = b_bs == 0 ? 1 : B;
-  const int64_t Mp = round_up(M, kGemmNR);
+  const int64_t Mp = round_up(M, kSimNR);
   std::vector<T> panels(static_cast<size_t>(nb * Mp * d));
   std::vector<T> inv_b(static_cast<size_t>(nb * M));
   for (int64_t bi = 0; bi < nb; ++bi) {
@@ -41,8 +41,8 @@ void similarity_logits_forward(const T* a, const T* b, T* out, int64_t B, int64_
   const int64_t col_blocks = (M + kSimBlock - 1) / kSimBlock;
 #pragma omp parallel
   {
-    std::vector<T> tile(kSimBlock * kSimBlock + kGemmNR);
-    std::vector<T> scratch(kGemmMR * d);
+    std::vector<T> tile(kSimBlock * kSimBlock + kSimNR);
+    std::vector<T> scratch(kSimMR * d);
     T inv_a[kSimBlock];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t job = 0; job < B * row_blocks; ++job) {

@@ -5,9 +5,10 @@
 // with ra, rb = 1 / max(||row||, eps) when normalizing (F.normalize's semantics) and 1 otherwise. The norms are
 // folded into the epilogue of a blocked GEMM, so the normalized rows are never written anywhere.
 //
-// The GEMM: b's rows are packed once into panels of kGemmNR columns ([d][kGemmNR], zero beyond the last row),
-// and a tile of kSimBlock x kSimBlock dot products is computed by the register-blocked micro-kernel in
-// gemm_microkernel.h, reading a's rows in place (a 6-row tail is copied into a zero-padded scratch first).
+// The GEMM: b's rows are packed once into panels of kSimNR columns ([d][kSimNR], zero beyond the last row),
+// and a tile of kSimBlock x kSimBlock dot products is computed by the wide register-blocked micro-kernel in
+// gemm_microkernel.h (12 x 32 under AVX-512, else 6 x 16), reading a's rows in place (a tail of fewer than kSimMR
+// rows is copied into a zero-padded scratch first).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -18,73 +19,67 @@
 namespace pyvl {
 namespace cpu {
 
-// Rows and columns of one tile: a multiple of both kGemmMR (6) and kGemmNR (16), so that tiles tile the
+// The micro-tile: gemm_micro_wide's.
+constexpr int64_t kSimMR = kWideMR;
+constexpr int64_t kSimNR = kWideNR;
+
+// Rows and columns of one tile: a multiple of both kSimMR (6 or 12) and kSimNR (16 or 32), so that tiles tile the
 // micro-kernel exactly; 96 x 96 floats is 36 KiB of logits, and 96 rows of d = 768 is 288 KiB of a: one tile's
 // working set stays in a 512 KiB L2.
 constexpr int64_t kSimBlock = 96;
+static_assert(kSimBlock % kSimMR == 0 && kSimBlock % kSimNR == 0, "tiles must hold whole micro-tiles");
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// panels[p][k][c] = b[(p * kGemmNR + c) * ldb + k] for rows < M, else 0. panels holds round_up(M, 16) * d values.
+// panels[p][k][c] = b[(p * kSimNR + c) * ldb + k] for rows < M, else 0. panels holds round_up(M, kSimNR) * d values.
 template <typename T>
 void pack_panels(const T* b, int64_t M, int64_t d, int64_t ldb, T* panels) {
-  const int64_t P = round_up(M, kGemmNR) / kGemmNR;
+  const int64_t P = round_up(M, kSimNR) / kSimNR;
 #pragma omp parallel for schedule(static)
-  for (int64_t p = 0; p < P; ++p) {
-    T* out = panels + p * d * kGemmNR;
-    for (int64_t c = 0; c < kGemmNR; ++c) {
-      const int64_t j = p * kGemmNR + c;
-      if (j < M) {
-        const T* row = b + j * ldb;
-        for (int64_t k = 0; k < d; ++k) out[k * kGemmNR + c] = row[k];
-      } else {
-        for (int64_t k = 0; k < d; ++k) out[k * kGemmNR + c] = T(0);
-      }
-    }
-  }
+  for (int64_t p = 0; p < P; ++p) pack_panel(b, M, d, ldb, kSimNR, p, panels + p * d * kSimNR);
 }
 
-// tile[i * kSimBlock + j] = <a_i, b_{j0 + j}> for i < rows, j < round_up(cols, 16) (columns past the last row
-// of b read zero panels and give 0). a: rows of length d with row stride lda. scratch: kGemmMR * d values.
+// tile[i * kSimBlock + j] = <a_i, b_{j0 + j}> for i < rows, j < round_up(cols, kSimNR) (columns past the last row
+// of b read zero panels and give 0). a: rows of length d with row stride lda. scratch: kSimMR * d values.
 template <typename T>
 void dot_tile(const T* a, int64_t lda, int64_t rows, const T* panels, int64_t d, int64_t j0, int64_t cols, T* tile,
               T* scratch) {
-  T acc[kGemmMR][kGemmNR];
-  const int64_t p0 = j0 / kGemmNR;
-  const int64_t np = round_up(cols, kGemmNR) / kGemmNR;
-  for (int64_t r0 = 0; r0 < rows; r0 += kGemmMR) {
+  T acc[kSimMR][kSimNR];
+  const int64_t p0 = j0 / kSimNR;
+  const int64_t np = round_up(cols, kSimNR) / kSimNR;
+  for (int64_t r0 = 0; r0 < rows; r0 += kSimMR) {
     const T* ar = a + r0 * lda;
     int64_t rs = lda;
-    if (r0 + kGemmMR > rows) {  // the micro-kernel reads 6 rows: give the tail zero rows to read
+    if (r0 + kSimMR > rows) {  // the micro-kernel reads kSimMR rows: give the tail zero rows to read
       const int64_t valid = rows - r0;
-      std::memset(scratch, 0, sizeof(T) * kGemmMR * d);
+      std::memset(scratch, 0, sizeof(T) * kSimMR * d);
       for (int64_t r = 0; r < valid; ++r) std::memcpy(scratch + r * d, ar + r * lda, sizeof(T) * d);
       ar = scratch;
       rs = d;
     }
     for (int64_t p = 0; p < np; ++p) {
-      gemm_micro<T>(d, ar, rs, 1, panels + (p0 + p) * d * kGemmNR, kGemmNR, acc);
-      for (int r = 0; r < kGemmMR; ++r)
-        for (int c = 0; c < kGemmNR; ++c) tile[(r0 + r) * kSimBlock + p * kGemmNR + c] = acc[r][c];
+      gemm_micro_wide<T>(d, ar, rs, 1, panels + (p0 + p) * d * kSimNR, kSimNR, acc);
+      for (int r = 0; r < kSimMR; ++r)
+        for (int c = 0; c < kSimNR; ++c) tile[(r0 + r) * kSimBlock + p * kSimNR + c] = acc[r][c];
     }
   }
 }
 
 // C[r, c] += alpha * sum_k A(r, k) * B[k * ldb + c] for r < rows, c < ncols, with A(r, k) = A[r * a_rs + k * a_ks].
-// rows may be any count <= the rows A can be read at in groups of 6 (the caller pads A); B is read only for
-// c < ncols (the columns past the last multiple of 16 take a scalar loop).
+// rows may be any count <= the rows A can be read at in groups of kSimMR (the caller pads A); B is read only for
+// c < ncols (the columns past the last multiple of kSimNR take a scalar loop).
 template <typename T>
 void gemm_accumulate(int64_t rows, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb,
                      int64_t ncols, T alpha, T* C, int64_t ldc) {
-  T acc[kGemmMR][kGemmNR];
-  const int64_t full = ncols / kGemmNR * kGemmNR;
-  for (int64_t r0 = 0; r0 < rows; r0 += kGemmMR) {
-    const int64_t valid = rows - r0 < kGemmMR ? rows - r0 : kGemmMR;
-    for (int64_t c0 = 0; c0 < full; c0 += kGemmNR) {
-      gemm_micro<T>(K, A + r0 * a_rs, a_rs, a_ks, B + c0, ldb, acc);
+  T acc[kSimMR][kSimNR];
+  const int64_t full = ncols / kSimNR * kSimNR;
+  for (int64_t r0 = 0; r0 < rows; r0 += kSimMR) {
+    const int64_t valid = rows - r0 < kSimMR ? rows - r0 : kSimMR;
+    for (int64_t c0 = 0; c0 < full; c0 += kSimNR) {
+      gemm_micro_wide<T>(K, A + r0 * a_rs, a_rs, a_ks, B + c0, ldb, acc);
       for (int64_t r = 0; r < valid; ++r) {
         T* out = C + (r0 + r) * ldc + c0;
-        for (int c = 0; c < kGemmNR; ++c) out[c] += alpha * acc[r][c];
+        for (int c = 0; c < kSimNR; ++c) out[c] += alpha * acc[r][c];
       }
     }
     for (int64_t r = 0; r < valid; ++r) {
