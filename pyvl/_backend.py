@@ -134,6 +134,10 @@ def default_order(op: str, device: torch.device, layout: str = "nchw", training:
 # depthwise_fwd`, two runs): NCHW 1.77 / 2.05x torch, channels_last 0.95 / 1.00x (weighted 0.92 / 1.07): parity, not
 # a clear win, so channels_last keeps the reference; NCHW keeps the kernels. Machines without AVX-512 run the AVX2
 # kernels measured above.
+# The fused block (stop 12, same AVX-512 VM, 2026-12-03, `pyvl bench --ops dsconv2d_fwd,mobilenet_v1`): after strips
+# of the whole batch, the tile epilogue on the registers, the 3x3 register-blocked depthwise runs and the threads
+# packing the weight, channels_last 1.24x torch channels_last (weighted 1.17; was 0.95), 1.64x torch NCHW; MobileNetV1
+# eval (which now runs channels_last on the CPU) 1.52x timm NCHW and 1.25x timm channels_last. Defaults unchanged.
 _CPU_ORDER = {
     "depthwise_conv2d": {"nchw": ("cpu", "reference"), "nchw_train": ("cpu", "reference"),
                          "channels_last": ("reference", "cpu")},
@@ -154,7 +158,12 @@ _CPU_ORDER["window_attention"] = ("cpu", "reference")
 # forward + backward ran 1.04-1.15x faster than open_clip's ClipLoss at N = 8192, d = 512 (1.4x at N = 4096) with
 # 32 MiB of peak RSS growth against its 1061 MiB; the C++ similarity logits ran 2.4x faster than eager
 # normalize + matmul on CLIP zero-shot shapes (1000 or 7 x 100 classes against 256 images, d = 512).
-_CPU_ORDER.update({"similarity_logits": ("cpu", "reference"), "contrastive_loss": ("cpu", "reference")})
+# Stop 12 (the 2-core AVX-512 VM, 2026-12-03, `pyvl bench --ops contrastive_loss,similarity_logits`), with the tiles
+# on the 12 x 32 AVX-512 micro-kernel: the loss forward + backward 1.35-1.82x open_clip's ClipLoss over N 1024-8192,
+# d 512 / 768 (1.59x at N 8192, d 512; 32 MiB against 1057 MiB). The similarity logits forward alone ran 0.72 / 0.61x
+# eager normalize + matmul there (and 0.92x in stop 10's bench on the Zen 3 machine): torch's BLAS wins that one-shot
+# GEMM, so similarity_logits now defaults to the reference on the CPU (backend="cpu" still selects the kernel).
+_CPU_ORDER.update({"similarity_logits": ("reference", "cpu"), "contrastive_loss": ("cpu", "reference")})
 # gather_scatter_add (same machine at load ~10, fp32, 256 ZINC-like molecules: N 5817, E 12836, d 300): against
 # index_select + add + index_add_, forward 3.9-7.4x and forward + backward 2.4-2.8x in single-thread CPU time
 # (`OMP_NUM_THREADS=1 python -m pyvl._bench_gnn`, interleaved in one process, two runs), 6.1x / 4.7x in `pyvl bench --ops
