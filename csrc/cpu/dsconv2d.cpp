@@ -161,6 +161,14 @@ inline void gemm_tile<float>(const GemmTile<float>& t, const float* A, int64_t a
 }
 #endif
 
+// activate() on a vector (or on T itself): NaN passes through both clamps.
+template <typename V>
+inline V activate_vec(V v, V lo, V hi, Activation act) {
+  if (act != Activation::None) v = v < lo ? lo : v;
+  if (act == Activation::ReLU6) v = hi < v ? hi : v;
+  return v;
+}
+
 // A run of `count` interior output pixels of one row (every tap in bounds) of a 3x3 depthwise conv (any stride and
 // dilation), channels [c, c + NV * lanes): the 9 x NV weight vectors stay in registers across the run, so a pixel
 // costs 9 input loads per vector. x0 is the first pixel's top-left input, xstep the input step per output pixel,
@@ -190,12 +198,7 @@ inline void run3x3_block(const T* x0, int64_t count, int64_t xstep, const int64_
 #pragma GCC unroll 2
       for (int v = 0; v < NV; ++v) acc[v] = simd::fmadd(simd::load<V>(xp + off[k] + v * L), w[k][v], acc[v]);
 #pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) {
-      V y = acc[v];  // as activate(): NaN passes through both clamps
-      if (act != Activation::None) y = y < lo ? lo : y;
-      if (act == Activation::ReLU6) y = hi < y ? hi : y;
-      simd::store(m + p * ldm + c + v * L, y);
-    }
+    for (int v = 0; v < NV; ++v) simd::store(m + p * ldm + c + v * L, activate_vec(acc[v], lo, hi, act));
   }
 }
 
@@ -218,8 +221,8 @@ void run3x3(const T* x0, int64_t count, int64_t xstep, const int64_t* off, const
 
 // Depthwise for the output pixel rows [r0, r1) of the whole batch (row r = n * P + oh * OW + ow), NHWC input,
 // into mid[r - r0][c] (row stride ldm). wt is the weight as [KH*KW][C], so the channel vectors of x and of the
-// weight are both contiguous. Per pixel the in-bounds taps are listed once (scratch: KH*KW taps and indices, and
-// the KH*KW fixed offsets of an interior pixel's taps), then each block of channels sums over them in registers
+// weight are both contiguous. Per border pixel the in-bounds taps are listed once (scratch: KH*KW taps and weight
+// offsets, and the KH*KW fixed offsets of an interior pixel's taps), then each block of channels sums over them in registers
 // and is stored once, activated. Pixels go outer and channels inner, so each tap reads one contiguous run of C
 // values, which the hardware prefetchers follow (channels outer, 12 pixels inner ran 1.5-2x slower).
 template <typename T>
@@ -231,14 +234,8 @@ void depthwise_rows_nhwc(const T* x, const T* wt, const T* bias, T* mid, int64_t
   constexpr int U = 4;  // vectors per channel block: 4 independent FMA chains
   const int64_t C = s.C, P = s.OH * s.OW, KK = s.KH * s.KW;
   const V lo = simd::broadcast<V>(T(0)), hi = simd::broadcast<V>(T(6));
-  auto clamp = [&](V v) {  // as activate(): NaN passes through both clamps
-    if (act != Activation::None) v = v < lo ? lo : v;
-    if (act == Activation::ReLU6) v = hi < v ? hi : v;
-    return v;
-  };
   for (int64_t kh = 0; kh < s.KH; ++kh)
     for (int64_t kw = 0; kw < s.KW; ++kw) interior_off[kh * s.KW + kw] = (kh * s.dil_h * s.W + kw * s.dil_w) * C;
-  for (int64_t k = 0; k < KK; ++k) tap_index[k] = k * C;
   // The output columns whose taps are all in bounds horizontally: [ow_in, ow_out).
   const int64_t ow_in = ceil_div(s.pad_w, s.stride_w);
   const int64_t last = s.W - 1 - (s.KW - 1) * s.dil_w + s.pad_w;
@@ -247,7 +244,8 @@ void depthwise_rows_nhwc(const T* x, const T* wt, const T* bias, T* mid, int64_t
   int64_t n = r0 / P, oh = r0 % P / s.OW, ow = r0 % s.OW;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t ih0 = oh * s.stride_h - s.pad_h, iw0 = ow * s.stride_w - s.pad_w;
-    if (KK == 9 && ih0 >= 0 && ih0 + (s.KH - 1) * s.dil_h < s.H && ow >= ow_in && ow < ow_out) {
+    const bool rows_in = ih0 >= 0 && ih0 + (s.KH - 1) * s.dil_h < s.H;
+    if (KK == 9 && rows_in && ow >= ow_in && ow < ow_out) {
       // 3x3, and this pixel and the next ones of its row up to ow_out are interior: one register-blocked run.
       const int64_t count = std::min(r1 - r, ow_out - ow);
       run3x3(x + ((n * s.H + ih0) * s.W + iw0) * C, count, s.stride_w * C, interior_off, wt, bias,
@@ -255,14 +253,12 @@ void depthwise_rows_nhwc(const T* x, const T* wt, const T* bias, T* mid, int64_t
       r += count - 1;  // the loop's ++r makes it count
       ow += count - 1;
     } else {
-      int nt = 0;
-      const int64_t* ti = interior_off;  // the interior case: taps[k] = x0, tap_index[k] + interior offset
-      const T* x0 = x;
-      if (ih0 >= 0 && ih0 + (s.KH - 1) * s.dil_h < s.H && iw0 >= 0 && iw0 + (s.KW - 1) * s.dil_w < s.W) {
-        x0 = x + ((n * s.H + ih0) * s.W + iw0) * C;
-        nt = static_cast<int>(KK);
-      } else {
-        ti = tap_index + KK;  // the border case: explicit tap pointers, and weight offsets after the first KK
+      // Interior: tap t at x0 + interior_off[t], weight row t. Else the in-bounds taps, listed in taps / tap_index.
+      const bool interior = rows_in && ow >= ow_in && ow < ow_out;
+      const T* x0 = interior ? x + ((n * s.H + ih0) * s.W + iw0) * C : nullptr;
+      int nt = static_cast<int>(KK);
+      if (!interior) {
+        nt = 0;
         for (int64_t kh = 0; kh < s.KH; ++kh) {
           const int64_t ih = ih0 + kh * s.dil_h;
           if (ih < 0 || ih >= s.H) continue;
@@ -270,13 +266,12 @@ void depthwise_rows_nhwc(const T* x, const T* wt, const T* bias, T* mid, int64_t
             const int64_t iw = iw0 + kw * s.dil_w;
             if (iw < 0 || iw >= s.W) continue;
             taps[nt] = x + ((n * s.H + ih) * s.W + iw) * C;
-            tap_index[KK + nt++] = (kh * s.KW + kw) * C;
+            tap_index[nt++] = (kh * s.KW + kw) * C;
           }
         }
       }
-      const bool interior = ti == interior_off;
       auto xp = [&](int t) { return interior ? x0 + interior_off[t] : taps[t]; };
-      auto wp = [&](int t) { return wt + (interior ? tap_index[t] : ti[t]); };
+      auto wp = [&](int t) { return wt + (interior ? t * C : tap_index[t]); };
       T* m = mid + (r - r0) * ldm;
       int64_t c = 0;
       for (; c + U * L <= C; c += U * L) {
@@ -288,12 +283,12 @@ void depthwise_rows_nhwc(const T* x, const T* wt, const T* bias, T* mid, int64_t
           for (int u = 0; u < U; ++u)
             acc[u] = simd::fmadd(simd::load<V>(xt + u * L), simd::load<V>(wt_ + u * L), acc[u]);
         }
-        for (int u = 0; u < U; ++u) simd::store(m + c + u * L, clamp(acc[u]));
+        for (int u = 0; u < U; ++u) simd::store(m + c + u * L, activate_vec(acc[u], lo, hi, act));
       }
       for (; c + L <= C; c += L) {
         V acc = bias ? simd::load<V>(bias + c) : lo;
         for (int t = 0; t < nt; ++t) acc = simd::fmadd(simd::load<V>(xp(t) + c), simd::load<V>(wp(t) + c), acc);
-        simd::store(m + c, clamp(acc));
+        simd::store(m + c, activate_vec(acc, lo, hi, act));
       }
       for (; c < C; ++c) {
         T acc = bias ? bias[c] : T(0);
@@ -384,11 +379,12 @@ void dsconv2d_forward(const T* x, const T* dw_weight, const T* dw_bias, const T*
     const int64_t balanced = ceil_div(strips, threads) * threads;
     if (units >= 2 * balanced) strips = balanced;
   }
-  int64_t TP = std::min(ceil_div(ceil_div(rows, strips), quantum) * quantum, nhwc ? rows : P);
+  int64_t TP;
   if (nhwc) {
     strips = std::min(strips, units);
     TP = std::min(ceil_div(units, strips) * MR, rows);
   } else {
+    TP = std::min(ceil_div(ceil_div(rows, strips), quantum) * quantum, rows);
     strips = ceil_div(rows, TP);
   }
   const int64_t tasks = nhwc ? strips : s.N * strips;
@@ -415,7 +411,7 @@ void dsconv2d_forward(const T* x, const T* dw_weight, const T* dw_bias, const T*
     const int64_t part_tiles = C > kKC ? (nhwc ? ceil_div(TP, MR) : ceil_div(TP, NR)) : 0;
     std::vector<T> part(static_cast<size_t>(part_tiles * MR * NR));
     std::vector<const T*> taps(static_cast<size_t>(s.KH * s.KW));
-    std::vector<int64_t> tap_index(static_cast<size_t>(2 * s.KH * s.KW)), interior_off(s.KH * s.KW);
+    std::vector<int64_t> tap_index(static_cast<size_t>(s.KH * s.KW)), interior_off(s.KH * s.KW);
 #pragma omp for schedule(static)
     for (int64_t jp = 0; jp < panels; ++jp)
       pack_panel(pw_weight, C_out, C, C, panel, jp, packed.get() + jp * C * panel);
