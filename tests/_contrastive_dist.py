@@ -1,11 +1,11 @@
 """The per-process body of tests/test_contrastive.py's distributed test (a light module: every spawned process
 imports it), and of tests/triton/test_contrastive_triton.py's with backends=("triton",) in float32. Each rank writes
 the list of its failed checks to out_dir/rank<r>.json."""
-import json
 import os
 
 import torch
 
+from _dist_exit import write_results_and_exit
 from pyvl import _ext
 from pyvl.ops import contrastive_loss
 from pyvl.reference import contrastive as ref
@@ -83,11 +83,4 @@ def worker(rank, world, init_file, out_dir, n, d, with_open_clip, backends=None,
         if "image_features" not in str(e) or "every rank" not in str(e):
             failures.append(f"rank {rank}: mismatched d: unexpected message {e}")
     dist.destroy_process_group()
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(failures, f)
-    # Leave without interpreter finalization. Gloo's run-loop thread frees each collective's work (and the Python
-    # tensors it holds) after the caller's wait() has returned, and it needs the GIL for that; when this process
-    # finalizes first, that thread's take_gil exits it mid-destructor and the process dies in std::terminate
-    # ("terminate called without an active exception", SIGABRT; pytorch/pytorch#179291). It hit about 1 run in 5
-    # of the Triton-interpreter variant; the checks above are all done and on disk by now.
-    os._exit(0)
+    write_results_and_exit(os.path.join(out_dir, f"rank{rank}.json"), failures)

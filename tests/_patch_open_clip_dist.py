@@ -1,9 +1,9 @@
 """The per-process body of tests/test_patch_open_clip.py's distributed test (a light module: every spawned process
 imports it). Each rank writes its failed checks and the number of checks it made to out_dir/rank<r>.json."""
-import json
 import os
 
 import torch
+from _dist_exit import write_results_and_exit
 
 
 def worker(rank, world, init_file, out_dir, n, d):
@@ -66,5 +66,4 @@ def worker(rank, world, init_file, out_dir, n, d):
         if "default group" not in str(e):
             failures.append(f"rank {rank}: wrong rank: unexpected message {e}")
     dist.destroy_process_group()
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"failures": failures, "checked": checked}, f)
+    write_results_and_exit(os.path.join(out_dir, f"rank{rank}.json"), {"failures": failures, "checked": checked})
