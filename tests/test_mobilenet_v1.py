@@ -10,7 +10,7 @@ import torch
 import pyvl.interop
 import pyvl.models
 from pyvl.nn import DepthwiseSeparableConv2d
-from pyvl.testing import assert_close_to_reference, randomize_norms
+from pyvl.testing import assert_close_to_reference, check_error_criterion, randomize_norms
 
 timm = pytest.importorskip("timm")
 from timm.models.efficientnet import _gen_mobilenet_v1  # noqa: E402
@@ -55,21 +55,27 @@ def test_from_timm_eval_parity(timm_v1, resolution):
 
 
 def test_train_mode_matches_timm():
-    """Train mode: same outputs, parameter gradients and updated running statistics as timm's plain PyTorch."""
+    """Train mode: parameter gradients and updated running statistics match timm's plain PyTorch by the error
+    criterion against timm run in float64 (the gradients sum over a 28-layer network, so float32 differences grow
+    with depth: a fixed 1e-4 tolerance failed on the stem's weight on an AMD EPYC that passed on a Xeon)."""
     torch.manual_seed(1)
     theirs = randomize_norms(timm.create_model("mobilenetv1_100", pretrained=False, num_classes=10)).train()
+    truth = copy.deepcopy(theirs).double()
     ours = pyvl.interop.from_timm(theirs)
     assert ours.training
     x = torch.randn(2, 3, 48, 48)
     target = torch.tensor([3, 7])
-    for model in (ours, theirs):
-        torch.nn.functional.cross_entropy(model(x), target).backward()
-    grads = dict(theirs.named_parameters())
+    for model, inp in ((ours, x), (theirs, x), (truth, x.double())):
+        torch.nn.functional.cross_entropy(model(inp), target).backward()
+    grads, true_grads = dict(theirs.named_parameters()), dict(truth.named_parameters())
     for name, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, grads[name].grad, **TOL, msg=lambda m: f"{name}: {m}")
-    buffers = dict(theirs.named_buffers())
+        check_error_criterion(p.grad, true_grads[name].grad, grads[name].grad, name=f"{name}.grad")
+    buffers, true_buffers = dict(theirs.named_buffers()), dict(truth.named_buffers())
     for name, b in ours.named_buffers():
-        torch.testing.assert_close(b, buffers[name], **TOL, msg=lambda m: f"{name}: {m}")
+        if b.is_floating_point():
+            check_error_criterion(b, true_buffers[name], buffers[name], name=name)
+        else:
+            assert torch.equal(b, buffers[name]), name
 
 
 @pytest.mark.parametrize("width_mult", [0.5, 0.75, 0.25, 1.25])
