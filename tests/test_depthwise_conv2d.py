@@ -54,6 +54,24 @@ def test_depthwise_gradients_3x3_channels_last(problem):
     _check_gradients(problem)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_channels_last_prefetching_sizes(stride):
+    """Channels-last 3x3 inputs above the kernel's prefetch threshold (4 MiB per thread, csrc/cpu/
+    depthwise_conv2d.cpp), which the drawn problems are too small to reach: forward, and grad_x (stride 1 runs the
+    same strips)."""
+    C, H, W = 40, 101, 97  # C not a multiple of the 32-channel block; odd H, W
+    N = (4 << 20) * torch.get_num_threads() // (C * H * W * 4) + 1
+    g = torch.Generator().manual_seed(stride)
+    x = torch.randn(N, C, H, W, generator=g).to(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(C, 1, 3, 3, generator=g).requires_grad_()
+    b = torch.randn(C, generator=g).requires_grad_()
+    out = depthwise_conv2d(x, w, b, stride=stride, padding=1, backend=BACKEND)
+    assert_close_to_reference(out, ref.depthwise_conv2d, (x, w, b, stride, 1, 1))
+    assert_gradients_close_to_reference(lambda x, w, b: depthwise_conv2d(x, w, b, stride=stride, padding=1,
+                                                                         backend=BACKEND),
+                                        lambda x, w, b: ref.depthwise_conv2d(x, w, b, stride, 1, 1), (x, w, b))
+
+
 @given(pst.depthwise_problems(dtypes=(torch.float32, torch.float64), kernel_sizes=(1, 3, 5), C_out=True),
        st.sampled_from(["none", "relu", "relu6"]), st.sampled_from(["none", "relu", "relu6"]))
 def test_dsconv_forward_and_gradients(problem, dw_act, pw_act):
