@@ -934,9 +934,14 @@ void gather_nhwc(const T* src, int64_t src_H, int64_t src_W, const T* wt, const 
 // order too. Reading taps-major weights ([tap][C]: nine streams 1-4 KiB apart at C = 256..1024, all in a few L1 sets)
 // and one vector per block (each line visited twice) measured several times slower at those widths.
 constexpr int kStripMaxRows = 16;  // kernel rows held in the per-row pointer arrays
-// 4 pixels x 2 vectors = 8 accumulators + 6 weights + 1 input: 15 AVX2 registers. Under AVX-512, 8 pixels (23 of the
-// 32 registers) measured 0.6-1.3x of 4 on MobileNet's layers (slower from 56x56 up), so 4 it stays.
+// 4 pixels x 2 vectors = 8 accumulators + 6 weights + 1 input: 15 AVX2 registers. With 32 registers (AVX-512),
+// 8 pixels (23 registers) run where a pixel is at least kWideStripBytes: a strip's 3 x 6 input pixels then no longer
+// fit in L1, and 8-pixel strips reload each block's weights and overlapping pixels half as often. C++ harness, batch
+// 8, 2 threads, medians of 6 interleaved runs, 8 against 4 pixels: on a Zen 4 C 512 14x14 1.09 / 1.33x, C 1024 7x7
+// 1.10 / 1.28x, but C 32..128 at 56x56 and up 0.6-0.95x (and 0.6-1.3x on a Sapphire Rapids over all the layers).
 constexpr int kStripPixels = 4;
+constexpr int kWideStripPixels = 8;
+constexpr int64_t kWideStripBytes = 2048;
 
 // The strips' vector: simd::wide_t, 16 floats under AVX-512 (32 registers, so 4 pixels x 2 vectors fit as on
 // AVX2), else the 32-byte vector.
@@ -1032,10 +1037,19 @@ inline void strip3_block(T* out, const T* const* xrows, const T* const* wrows, i
   for (; i < len; ++i) strip3<T, T, 1, S, P, CHECK>(out, xrows, wrows, i, nr, bias, c0 + i, C, iw0, W);
 }
 
-template <typename T, int S, bool CHECK>
+template <typename T, int S, bool CHECK, int PMAX>
 void strip3_any(int n, T* out, const T* const* xrows, const T* const* wrows, int nr, const T* bias, int64_t c0,
                 int64_t len, int64_t C, int64_t iw0, int64_t W) {
-  static_assert(kStripPixels == 4, "one case per strip length");
+  static_assert(PMAX == 4 || PMAX == 8, "one case per strip length");
+  if constexpr (PMAX == 8) {
+    switch (n) {
+      case 8: return strip3_block<T, S, CHECK, 8>(out, xrows, wrows, nr, bias, c0, len, C, iw0, W);
+      case 7: return strip3_block<T, S, CHECK, 7>(out, xrows, wrows, nr, bias, c0, len, C, iw0, W);
+      case 6: return strip3_block<T, S, CHECK, 6>(out, xrows, wrows, nr, bias, c0, len, C, iw0, W);
+      case 5: return strip3_block<T, S, CHECK, 5>(out, xrows, wrows, nr, bias, c0, len, C, iw0, W);
+      default: break;
+    }
+  }
   switch (n) {
     case 4: strip3_block<T, S, CHECK, 4>(out, xrows, wrows, nr, bias, c0, len, C, iw0, W); break;
     case 3: strip3_block<T, S, CHECK, 3>(out, xrows, wrows, nr, bias, c0, len, C, iw0, W); break;
@@ -1053,10 +1067,11 @@ constexpr int64_t kPrefetchBytes = int64_t(4) << 20;
 template <typename T>
 constexpr int64_t kLineElems = 64 / static_cast<int64_t>(sizeof(T));
 
-// out [N, OH, OW, C] = correlation of x [N, H, W, C] with the packed weights [block][KH*3][B] + bias.
-template <typename T, int S>
-void forward_nhwc_strips(const T* x, const T* wpk, const T* bias, T* out, int64_t N, int64_t H, int64_t W, int64_t C,
-                         int64_t OH, int64_t OW, int64_t KH, int64_t pad_w, const TapTable& rows) {
+// out [N, OH, OW, C] = correlation of x [N, H, W, C] with the packed weights [block][KH*3][B] + bias, in strips of
+// up to P pixels.
+template <typename T, int S, int P>
+void forward_nhwc_strips_of(const T* x, const T* wpk, const T* bias, T* out, int64_t N, int64_t H, int64_t W,
+                            int64_t C, int64_t OH, int64_t OW, int64_t KH, int64_t pad_w, const TapTable& rows) {
   constexpr int64_t B = kChannelPack<T>;
   const int64_t KK = KH * 3;
   // Software prefetch, one output row ahead: while a strip runs, the lines of the input rows that the next output
@@ -1089,27 +1104,37 @@ void forward_nhwc_strips(const T* x, const T* wpk, const T* bias, T* out, int64_
         const int64_t len = std::min(B, C - c0);
         const T* wrows[kStripMaxRows];
         for (int a = 0; a < nr; ++a) wrows[a] = wpk + (c0 / B * KK + rows.k[oh * rows.K + a] * 3) * B;
-        const int pn = static_cast<int>(std::min<int64_t>(kStripPixels, OW - ow));
+        const int pn = static_cast<int>(std::min<int64_t>(P, OW - ow));
         const int64_t iw0 = ow * S - pad_w;
         T* o = orow + ow * C;
         if (na) {
           // The strips of a row partition its input columns: [iw0 + 2, next strip's iw0 + 2), the first from 0 and
           // the last to W.
           const int64_t q_lo = ow == 0 ? 0 : std::max<int64_t>(iw0 + 2, 0);
-          const int64_t q_hi = ow + kStripPixels >= OW ? W : std::min<int64_t>(iw0 + S * kStripPixels + 2, W);
+          const int64_t q_hi = ow + P >= OW ? W : std::min<int64_t>(iw0 + S * P + 2, W);
           for (int a = 0; a < na; ++a)
             for (int64_t q = q_lo; q < q_hi; ++q)
               for (int64_t l = 0; l < len; l += kLineElems<T>) __builtin_prefetch(ahead[a] + q * C + c0 + l);
         }
         if (iw0 >= 0 && iw0 + S * (pn - 1) + 2 < W)
-          strip3_any<T, S, false>(pn, o, xrows, wrows, nr, bias, c0, len, C, iw0, W);
+          strip3_any<T, S, false, P>(pn, o, xrows, wrows, nr, bias, c0, len, C, iw0, W);
         else
-          strip3_any<T, S, true>(pn, o, xrows, wrows, nr, bias, c0, len, C, iw0, W);
+          strip3_any<T, S, true, P>(pn, o, xrows, wrows, nr, bias, c0, len, C, iw0, W);
       };
-      for (int64_t ow = 0; ow < OW; ow += kStripPixels)
+      for (int64_t ow = 0; ow < OW; ow += P)
         for (int64_t c0 = 0; c0 < C; c0 += B) run(c0, ow);
     }
   }
+}
+
+template <typename T, int S>
+void forward_nhwc_strips(const T* x, const T* wpk, const T* bias, T* out, int64_t N, int64_t H, int64_t W, int64_t C,
+                         int64_t OH, int64_t OW, int64_t KH, int64_t pad_w, const TapTable& rows) {
+  if constexpr (sizeof(strip_vec_t<T>) == 64) {
+    if (C * static_cast<int64_t>(sizeof(T)) >= kWideStripBytes)
+      return forward_nhwc_strips_of<T, S, kWideStripPixels>(x, wpk, bias, out, N, H, W, C, OH, OW, KH, pad_w, rows);
+  }
+  forward_nhwc_strips_of<T, S, kStripPixels>(x, wpk, bias, out, N, H, W, C, OH, OW, KH, pad_w, rows);
 }
 
 // [C, KH*KW] -> [KH*KW, C]
