@@ -1064,8 +1064,6 @@ bool strip3_applies(const Conv2dShape& s) {
 
 // Inputs above this many bytes per thread get forward_nhwc_strips' row-ahead prefetch.
 constexpr int64_t kPrefetchBytes = int64_t(4) << 20;
-template <typename T>
-constexpr int64_t kLineElems = 64 / static_cast<int64_t>(sizeof(T));
 
 // out [N, OH, OW, C] = correlation of x [N, H, W, C] with the packed weights [block][KH*3][B] + bias, in strips of
 // up to P pixels.
@@ -1076,7 +1074,7 @@ void forward_nhwc_strips_of(const T* x, const T* wpk, const T* bias, T* out, int
   const int64_t KK = KH * 3;
   // Software prefetch, one output row ahead: while a strip runs, the lines of the input rows that the next output
   // row reads and this one does not (one row at stride 1, two at stride 2), over this strip's columns and channel
-  // block. The strip itself reads its pixels channel block by channel block, 6 pixels C apart per block: strided
+  // block. The strip itself reads its pixels channel block by channel block, S*(P-1)+3 pixels C apart: strided
   // streams the hardware prefetchers follow poorly from main memory. Measured on a 2-core AMD EPYC (Zen 4), batch 8,
   // 2 threads, against no prefetch: C 64 112x112 s2 1.35x, C 128 56x56 s1 1.5x / s2 1.1x, C 32 112x112 unchanged,
   // and 0.75-0.9x at C >= 256 (28x28 and smaller), whose input a thread's caches hold, so it is on only for inputs
@@ -1114,7 +1112,7 @@ void forward_nhwc_strips_of(const T* x, const T* wpk, const T* bias, T* out, int
           const int64_t q_hi = ow + P >= OW ? W : std::min<int64_t>(iw0 + S * P + 2, W);
           for (int a = 0; a < na; ++a)
             for (int64_t q = q_lo; q < q_hi; ++q)
-              for (int64_t l = 0; l < len; l += kLineElems<T>) __builtin_prefetch(ahead[a] + q * C + c0 + l);
+              for (int64_t l = 0; l < len; l += simd::line_elems<T>) __builtin_prefetch(ahead[a] + q * C + c0 + l);
         }
         if (iw0 >= 0 && iw0 + S * (pn - 1) + 2 < W)
           strip3_any<T, S, false, P>(pn, o, xrows, wrows, nr, bias, c0, len, C, iw0, W);

@@ -400,7 +400,7 @@ void dsconv2d_forward(const T* x, const T* dw_weight, const T* dw_bias, const T*
   // NCHW: mid rows padded to whole NR vectors, read (never stored) past the strip by the last micro-tiles.
   // NHWC: MR spare pixel rows, read (never stored) by the last partial micro-tile.
   // Both: one more cache line per row, so that rows 4 KiB apart do not all fall in one L1 set.
-  const int64_t line = 64 / static_cast<int64_t>(sizeof(T));
+  constexpr int64_t line = simd::line_elems<T>;
   const int64_t ldm = (nhwc ? ceil_div(C, line) * line : ceil_div(TP, NR) * NR) + line;
   const size_t mid_size = static_cast<size_t>(nhwc ? (TP + MR) * ldm : C * ldm);
 

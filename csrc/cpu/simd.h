@@ -6,6 +6,7 @@
 // fmadd is explicit: the extension is built with -std=c++20, which makes GCC default to -ffp-contract=off, so
 // `a * b + c` would never become an FMA.
 #pragma once
+#include <cstdint>
 #include <cstring>
 
 #if defined(__AVX__) && defined(__FMA__)
@@ -52,6 +53,10 @@ using wide_t = typename Wide<T>::type;
 // Lanes of V over elements of T (1 when V is T).
 template <typename T, typename V>
 constexpr int lanes = sizeof(V) / sizeof(T);
+
+// Elements of T in one 64-byte cache line.
+template <typename T>
+constexpr int64_t line_elems = 64 / static_cast<int64_t>(sizeof(T));
 
 template <typename V, typename T>
 inline V load(const T* p) {
