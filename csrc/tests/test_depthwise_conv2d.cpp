@@ -111,6 +111,11 @@ int main() {
       make_shape(1, 2, 13, 301, 3, 3, 2, 2, 1, 1, 1, 1),   // the same at stride 2, odd width
       make_shape(1, 2, 9, 170, 5, 5, 1, 1, 2, 2, 1, 1),    // 11 chunks through the generic (non-3x3) tile
       make_shape(2, 3, 23, 16, 3, 3, 2, 2, 1, 1, 1, 1),    // 3x3 stride 2 rows in tiles of 8 + 4 output rows
+      // NCHW rows of at most 8 outputs, two planes per vector (AVX-512): an odd plane count (the last alone), pairs
+      // across images, padding 2, tall planes in row tiles of 8 + 8 + 4, stride 2.
+      make_shape(3, 5, 5, 5, 3, 3, 1, 1, 2, 2, 1, 1),      // 15 planes, 7x7 outputs of 5x5 inputs
+      make_shape(1, 3, 20, 6, 3, 3, 1, 1, 1, 1, 1, 1),     // 20 rows of 6
+      make_shape(2, 7, 14, 13, 3, 3, 2, 2, 1, 1, 1, 1),    // MobileNet's 14x14 stride 2 (7 wide), odd width
   };
   std::mt19937 rng(1234);
   int failures = 0;
