@@ -71,9 +71,9 @@ def test_depthwise_3x3_nchw(problem):
 @pytest.mark.parametrize("C, H, W, past_prefetch", [(40, 101, 97, True), (520, 15, 13, False), (1030, 9, 22, False)])
 def test_channels_last_strip_variants(stride, C, H, W, past_prefetch):
     """Channels-last 3x3 cases of the C++ strips that the drawn problems are too small to reach (csrc/cpu/
-    depthwise_conv2d.cpp): an input above the row-ahead prefetch threshold (4 MiB per thread), and pixels of 2 KiB
-    and more (C >= 512 floats), which run 8-pixel strips under AVX-512. C is not a multiple of the 32-channel block.
-    Forward, and every gradient (grad_x at stride 1 runs the same strips)."""
+    depthwise_conv2d.cpp): an input above the row-ahead prefetch threshold (4 MiB per thread; the prefetch runs on
+    AMD processors), and pixels of 2 KiB and more (C >= 512 floats), which run 8-pixel strips under AVX-512. C is not
+    a multiple of the 32-channel block. Forward, and every gradient (grad_x at stride 1 runs the same strips)."""
     N = (4 << 20) * torch.get_num_threads() // (C * H * W * 4) + 1 if past_prefetch else 2
     g = torch.Generator().manual_seed(stride)
     x = torch.randn(N, C, H, W, generator=g).to(memory_format=torch.channels_last).requires_grad_()
