@@ -364,8 +364,8 @@ class PlaneKernel {
   // The weight gradient of one plane in tile3's case: acc[kh*3 + kw] += sum over outputs of g * x-tap, with 16-lane
   // chunks of g's rows against the same masked tap loads as the forward (nine vector sums, reduced at the end).
   // C++ harness, batch 8, 2 threads, 2-core Sapphire Rapids VM, medians of 4 interleaved runs against
-  // backward_weight_nchw's other paths (flat dots at stride 1 and W <= 64, row dots), MobileNetV1's 9 shapes: 1.34-4.49x (C 256 28x28 s2 4.49, C 512 14x14
-  // s2 3.38, C 128 56x56 2.29, C 1024 7x7 1.69, C 32 112x112 1.34).
+  // backward_weight_nchw's other paths (flat dots at stride 1 and W <= 64, row dots), MobileNetV1's 9 shapes:
+  // 1.34-4.49x (C 256 28x28 s2 4.49, C 512 14x14 s2 3.38, C 128 56x56 2.29, C 1024 7x7 1.69, C 32 112x112 1.34).
   void weight_grad3(const float* x, const float* g, float* acc) const {
     __m512 sum[9];
     for (auto& v : sum) v = _mm512_setzero_ps();
@@ -646,7 +646,8 @@ void correlate_planes(const T* x, const T* weight, const T* bias, T* out, const 
 template <int S>
 void correlate_planes_avx512(const float* x, const float* weight, const float* bias, float* out, const Conv2dShape& s,
                              const PlaneGeom& g) {
-  if (!avx512::PlaneKernel<S>::pair_applies(g)) return correlate_planes<avx512::PlaneKernel<S>>(x, weight, bias, out, s, g);
+  if (!avx512::PlaneKernel<S>::pair_applies(g))
+    return correlate_planes<avx512::PlaneKernel<S>>(x, weight, bias, out, s, g);
   const int64_t planes = s.N * s.C, in = s.H * s.W, on = s.OH * s.OW, KK = s.KH * s.KW;
 #pragma omp parallel
   {
