@@ -351,8 +351,7 @@ class PlaneKernel {
     k3_ = is_3x3(g);
     cb3_ = cb_;
     rows3_ = cb3_ <= 2 ? 8 : cb3_ <= 4 ? 4 : 2;  // at most 16 accumulators
-    pairs_ = pair_applies(g);
-    if (pairs_)
+    if (k3_)
       for (int kw = 0; kw < 3; ++kw) pair_fma_[kw] = __mmask16(taps_[kw].fma | (taps_[kw].fma << kLanes / 2));
   }
 
@@ -379,9 +378,7 @@ class PlaneKernel {
           const float* xr = x + ih * g_.W;
 #pragma GCC unroll 3
           for (int kw = 0; kw < 3; ++kw) {
-            const ChunkTap& t = taps_[c * 3 + kw];
-            __m512 v = _mm512_maskz_loadu_ps(t.lo, xr + t.col);
-            if (S == 2) v = _mm512_permutex2var_ps(v, even_, _mm512_maskz_loadu_ps(t.hi, xr + t.col + kLanes));
+            const __m512 v = load_tap(taps_[c * 3 + kw], xr);
             sum[kh * 3 + kw] = _mm512_fmadd_ps(gv, v, sum[kh * 3 + kw]);
           }
         }
@@ -443,6 +440,14 @@ class PlaneKernel {
   }
 
  private:
+  // One chunk's inputs for tap t from input row xr: 16 lanes at stride 1; at stride 2 the even elements of 32,
+  // through a two-source permute. Lanes off in t's masks (padding, past the row's end) are zero.
+  __attribute__((always_inline)) __m512 load_tap(const ChunkTap& t, const float* xr) const {
+    const __m512 v = _mm512_maskz_loadu_ps(t.lo, xr + t.col);
+    if (S == 1) return v;
+    return _mm512_permutex2var_ps(v, even_, _mm512_maskz_loadu_ps(t.hi, xr + t.col + kLanes));
+  }
+
   template <int R, int CB>
   __attribute__((always_inline)) static void fill_tile(__m512 (&acc)[R][CB], __m512 v) {
 #pragma GCC unroll 8
@@ -483,9 +488,7 @@ class PlaneKernel {
           for (int r = 0; r < R; ++r) {
             const int64_t ih = ih0[r] + kh * g_.dh;
             if (ih < 0 || ih >= g_.H) continue;
-            const float* src = x + ih * g_.W + t.col;
-            __m512 v = _mm512_maskz_loadu_ps(t.lo, src);
-            if (S == 2) v = _mm512_permutex2var_ps(v, even_, _mm512_maskz_loadu_ps(t.hi, src + kLanes));
+            const __m512 v = load_tap(t, x + ih * g_.W);
             acc[r][c] = _mm512_mask3_fmadd_ps(wv, v, acc[r][c], t.fma);
           }
         }
@@ -512,8 +515,7 @@ class PlaneKernel {
 #pragma GCC unroll 8
         for (int c = 0; c < CB; ++c) {
           const ChunkTap& t = taps[c * 3 + kw];
-          __m512 v = _mm512_maskz_loadu_ps(t.lo, xr + t.col);
-          if (S == 2) v = _mm512_permutex2var_ps(v, even_, _mm512_maskz_loadu_ps(t.hi, xr + t.col + kLanes));
+          const __m512 v = load_tap(t, xr);
 #pragma GCC unroll 8
           for (int r = 0; r < R; ++r) {
             const int kh = i - S * r;
@@ -608,7 +610,6 @@ class PlaneKernel {
   int cb_ = 1, rows_ = 1;
   bool k3_ = false;
   int cb3_ = 1, rows3_ = 1;
-  bool pairs_ = false;
   __mmask16 pair_fma_[3] = {};  // per kw: taps_[kw].fma for both halves
   std::vector<ChunkTap> taps_;
   std::vector<__mmask16> store_mask_;
@@ -760,12 +761,22 @@ void backward_input_nchw_s2k3(const float* grad_out, const float* weight, float*
   alignas(64) int32_t di[kL], d2i[kL];
   __mmask16 even = 0;
   for (int l = 0; l < kL; ++l) {
-    const int q = (l + par) / 2;  // window = grad_out[b, b + 16) with b = floor((iw0 + pad_w) / 2) - 1
+    const int q = (l + par) / 2;  // window = grad_out[b, b + 16), b the chunk's start below
     di[l] = q + 1;
     d2i[l] = q;
     if ((l + par) % 2 == 0) even |= __mmask16(1u << l);
   }
   const __m512i d_idx = _mm512_load_si512(di), d2_idx = _mm512_load_si512(d2i);
+  // Per chunk: the window's start b = floor((iw0 + pad_w) / 2) - 1 and its load mask (elements in [0, OW)).
+  const int64_t nchunks = (s.W + kL - 1) / kL;
+  std::vector<int64_t> start(nchunks);
+  std::vector<__mmask16> in_row(nchunks);
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t b = floor_div(c * kL + s.pad_w, 2) - 1;
+    const int64_t lo = std::max<int64_t>(0, -b), hi = std::clamp<int64_t>(s.OW - b, 0, kL);
+    start[c] = b;
+    in_row[c] = lo < hi ? __mmask16(((1u << hi) - 1) & ~((1u << lo) - 1)) : __mmask16(0);
+  }
   const int64_t KH = s.KH, planes = s.N * s.C;
 #pragma omp parallel
   {
@@ -784,13 +795,11 @@ void backward_input_nchw_s2k3(const float* grad_out, const float* weight, float*
         const int64_t nr = rows.count[ih];
         const int64_t* rk = rows.k.data() + ih * rows.K;
         const int64_t* rp = rows.pos.data() + ih * rows.K;
-        for (int64_t iw0 = 0; iw0 < s.W; iw0 += kL) {
-          const int64_t b = floor_div(iw0 + s.pad_w, 2) - 1;
-          const int64_t lo = std::max<int64_t>(0, -b), hi = std::clamp<int64_t>(s.OW - b, 0, kL);
-          const __mmask16 m = lo < hi ? __mmask16(((1u << hi) - 1) & ~((1u << lo) - 1)) : __mmask16(0);
+        for (int64_t c = 0; c < nchunks; ++c) {
+          const int64_t iw0 = c * kL;
           __m512 acc = _mm512_setzero_ps();
           for (int64_t a = 0; a < nr; ++a) {
-            const __m512 win = _mm512_maskz_loadu_ps(m, go + rp[a] * s.OW + b);
+            const __m512 win = _mm512_maskz_loadu_ps(in_row[c], go + rp[a] * s.OW + start[c]);
             acc = _mm512_fmadd_ps(_mm512_loadu_ps(wa.data() + rk[a] * kL), _mm512_permutexvar_ps(d_idx, win), acc);
             acc = _mm512_mask3_fmadd_ps(_mm512_loadu_ps(wc.data() + rk[a] * kL), _mm512_permutexvar_ps(d2_idx, win),
                                         acc, even);
@@ -1427,12 +1436,10 @@ void backward_weight_nhwc(const T* grad_out, const T* x, T* grad_weight, const C
 //
 // A task is a band of output rows of one image. A channel vector's sweep touches one cache line per pixel of the
 // band's grad_out and input rows, which the next vector (with 8-float vectors, the line's other half) reads again:
-// about 1024 pixels
-// keeps those lines in L2, and the band is halved while there are fewer than four tasks per thread. Every task
-// writes its own partial [9][C] sums, reduced afterwards in task order: deterministic for a given problem and
-// thread count. Kernel rows that fall in the padding read a row of zeros, so every output row runs the same
-// nine-tap loop; columns that reach into the padding (at most two per row) check
-// their taps.
+// about 1024 pixels keeps those lines in L2, and the band is halved while there are fewer than four tasks per
+// thread. Every task writes its own partial [9][C] sums, reduced afterwards in task order: deterministic for a
+// given problem and thread count. Kernel rows that fall in the padding read a row of zeros, so every output row
+// runs the same nine-tap loop; columns that reach into the padding (at most two per row) check their taps.
 //
 // The channel vector is the widest (16 floats under AVX-512), and the interior runs two pixels at a time into two
 // sets of nine sums. C++ harness, batch 8, 2 threads, 2-core Sapphire Rapids VM, medians of 6 interleaved runs
