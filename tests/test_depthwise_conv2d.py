@@ -49,8 +49,9 @@ def _check_gradients(problem):
                               max_stride=2, max_dilation=1, max_elements=20000))
 def test_depthwise_gradients_3x3_channels_last(problem):
     # MobileNet's case has kernels of its own in the C++ backward (register-blocked weight gradient at stride 1
-    # and 2, the input gradient through the forward strips at stride 1): drawn here on every run, with channel
-    # counts past one 8-wide vector and the band split of the weight gradient.
+    # and 2, the input gradient through the forward strips at stride 1 and through their transposed column taps at
+    # stride 2): drawn here on every run, with channel counts past one 8-wide vector and the band split of the
+    # weight gradient.
     _check_gradients(problem)
 
 

@@ -116,6 +116,11 @@ int main() {
       make_shape(3, 5, 5, 5, 3, 3, 1, 1, 2, 2, 1, 1),      // 15 planes, 7x7 outputs of 5x5 inputs
       make_shape(1, 3, 20, 6, 3, 3, 1, 1, 1, 1, 1, 1),     // 20 rows of 6
       make_shape(2, 7, 14, 13, 3, 3, 2, 2, 1, 1, 1, 1),    // MobileNet's 14x14 stride 2 (7 wide), odd width
+      // NHWC input gradient at stride_w 2 through the strips (TransposedCols2): even column padding (D = 2), odd
+      // padding past the kernel's reach, and 530 channels (8-pixel strips under AVX-512).
+      make_shape(2, 21, 9, 18, 3, 3, 1, 2, 1, 0, 1, 1),    // stride 1 x 2, no column padding
+      make_shape(1, 9, 7, 25, 3, 3, 3, 2, 1, 3, 1, 1),     // column padding 3: strips wholly in the padding
+      make_shape(1, 530, 6, 11, 3, 3, 2, 2, 1, 1, 1, 1),   // 530 channels, stride 2
   };
   std::mt19937 rng(1234);
   int failures = 0;
