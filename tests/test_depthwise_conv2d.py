@@ -58,9 +58,10 @@ def test_depthwise_gradients_3x3_channels_last(problem):
 @given(pst.depthwise_problems(dtypes=(torch.float32, torch.float64), kernel_sizes=(3,), layouts=("nchw",),
                               max_stride=2, max_dilation=1, max_elements=20000))
 def test_depthwise_3x3_nchw(problem):
-    # MobileNet's NCHW case: under AVX-512 the forward's 3x3 register tiles (stride_h = stride_w, dilation 1) and,
-    # for rows of at most 8 outputs, two planes per vector (odd N*C leaves one plane alone; the two planes of a
-    # vector may come from different images). The general draw reaches these in well under 1% of its problems.
+    # MobileNet's NCHW case: under AVX-512 and AVX2 the forward's 3x3 register tiles (stride_h = stride_w,
+    # dilation 1; under AVX2 on a zero-padded copy of each plane) and, for rows of at most half a vector (8 outputs,
+    # 4 under AVX2), two planes per vector (odd N*C leaves one plane alone; the two planes of a vector may come from
+    # different images). The general draw reaches these in well under 1% of its problems.
     x, w, b = problem.make_inputs()
     out = depthwise_conv2d(x, w, b, **_geometry(problem), backend=BACKEND)
     assert_close_to_reference(out, ref.depthwise_conv2d, (x, w, b, problem.stride, problem.padding,

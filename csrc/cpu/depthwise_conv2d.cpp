@@ -2,7 +2,7 @@
 //
 // NCHW: one thread owns whole (n, c) planes, which fit in L2, and vectorizes along the output row. With AVX-512
 // (float, stride 1 or 2 along w) rows go in 16-lane chunks whose borders and tails are masks, and 3x3 kernels reuse
-// each loaded input row for every output row of a register tile (avx512::PlaneKernel). Otherwise each row splits
+// each loaded input row for every output row of a register tile (planes::PlaneKernel). Otherwise each row splits
 // into an interior, where every tap is in bounds and the loop has no checks, and a few border columns done with
 // checks; 3x3 stride 1/2 interiors get a fused loop that keeps all nine taps in one pass.
 // NHWC: vectorizes over channels. Which taps of a pixel are in bounds is decided once per row and column from
@@ -291,19 +291,21 @@ class PlaneCorrelator {
   std::vector<PhasePlanes<T>> phases_;  // empty or one
 };
 
-#if defined(__AVX512F__)
 // ---------------------------------------------------------------------------------------------------------------
-// NCHW, float, AVX-512 (stride 1 or 2 along w; any kernel, padding, dilation and stride along h)
+// NCHW, float, AVX-512 or AVX2 (stride 1 or 2 along w; any kernel, padding, dilation and stride along h)
 //
-// Output rows go in 16-lane chunks. Which lanes of a chunk a tap (kw) may read is a mask computed once per call
-// for every (chunk, kw): lanes past the row's end and lanes whose input column falls in the padding are off. The
-// loads are masked (no access, no fault, beyond the row) and so is the FMA (an off lane keeps its sum, so a padding
-// tap contributes nothing even where the weight is inf or NaN, as in the reference). Kernel rows in the padding are
-// skipped per output row. So borders, short rows (7 to 56 wide in MobileNet) and the row tail run the same loop as
-// the interior, with no scalar code and no padded copy of the plane.
+// Output rows go in chunks of one vector (16 lanes under AVX-512, 8 under AVX2). Which lanes of a chunk a tap (kw)
+// may read is a mask computed once per call for every (chunk, kw): lanes past the row's end and lanes whose input
+// column falls in the padding are off. The loads are masked (no access, no fault, beyond the row; zeros in the off
+// lanes). Under AVX-512 so is the FMA (an off lane keeps its sum, so a padding tap contributes nothing even where
+// the weight is inf or NaN); AVX2 has no masked FMA, and there a padding tap adds weight * 0, as zero padding does
+// (the same as PyTorch's, and it differs only for a non-finite weight). Kernel rows in the padding are skipped per
+// output row. So borders, short rows (7 to 56 wide in MobileNet) and the row tail run the same loop as the
+// interior, with no scalar code. Under AVX-512 the planes are read in place; under AVX2 each plane is copied into
+// a zero-padded scratch plane first and the loads are plain (vmaskmovps is slow: see the AVX2 Isa below).
 //
-// At stride 2 a chunk's 16 taps are the even elements of 32 consecutive inputs: two masked loads and one
-// two-source permute (vpermt2ps) instead of a gather.
+// At stride 2 a chunk's taps are the even elements of two vectors of consecutive inputs: two masked loads and a
+// two-source permute (vpermt2ps; under AVX2 a shuffle and a lane permute) instead of a gather.
 //
 // A tile is R output rows x CB chunks = at most 8 accumulators, enough independent FMA chains to cover the FMA
 // latency; short rows stack up to 8 rows per tile. 3x3 kernels with stride_h = stride_w and dilation 1 (MobileNet's)
@@ -312,47 +314,172 @@ class PlaneCorrelator {
 // 2-core Sapphire Rapids VM, 2026-12-02: stride 1 at 7x7 / 14 / 28 / 56 / 112: 1.7 / 2.0 / 1.9 / 1.9 / 2.1x;
 // stride 2 at 14 / 28 / 56 / 112: 2.4 / 2.3 / 1.8 / 1.4x. A first version without row reuse, with the masks
 // reloaded per FMA, was 0.75-1.1x at stride 1: a 64-byte unaligned load splits over two cache lines, so one zmm
-// load per FMA saturates the load ports.
-namespace avx512 {
+// load per FMA saturates the load ports. Under AVX2 on a 2-core AMD EPYC Zen 3 VM (C++ harness, batch 8, 2 threads,
+// fastest of 4 interleaved rounds against the kernels replaced; that VM's rounds scatter by 15-30%), MobileNetV1's
+// shapes where planes::takes() applies: forward 1.05-1.64x (stride 2: 56x56 1.48, 28x28 1.41, 14x14 1.64), weight
+// gradient 1.09-5.05x (28x28 stride 2 5.05, 14x14 stride 2 4.65), stride-1 input gradient 0.87-1.20x (no clear
+// gain, within that scatter).
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define PYVL_PLANE_KERNELS 1
+namespace planes {
 
-constexpr int kLanes = 16;
+// The vector operations the plane kernels are written in, for the build's ISA.
+#if defined(__AVX512F__)
+struct Isa {
+  using V = __m512;
+  using M = __mmask16;
+  static constexpr int kLanes = 16;
+  // tile3: at most this many accumulators and chunks per tile (32 registers hold 16 sums and the nine weights).
+  static constexpr int kMaxAcc3 = 16, kMaxChunks3 = 8;
+  static M mask(uint32_t bits) { return M(bits); }
+  static V set1(float a) { return _mm512_set1_ps(a); }
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(M m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  // Masked loads cost what plain ones do: the kernels read the planes in place, every load masked.
+  static constexpr bool kMaskedOnly = true;
+  static V load_into(V v, M m, const float* p) { return _mm512_mask_loadu_ps(v, m, p); }  // v's lanes off in m kept
+  static void store(M m, int, float* p, V v) { _mm512_mask_storeu_ps(p, m, v); }
+  static V fma(V w, V x, V acc) { return _mm512_fmadd_ps(w, x, acc); }
+  static V fma(V w, V x, V acc, M m) { return _mm512_mask3_fmadd_ps(w, x, acc, m); }
+  // The even elements of the 2*kLanes floats a:b.
+  static V even(V a, V b) {
+    return _mm512_permutex2var_ps(a, _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30), b);
+  }
+  static V halves(V a, V b) { return _mm512_mask_blend_ps(M(0xFF00), a, b); }  // low half of a, high half of b
+  // Lanes [8, 8 + n) of v to p[0, n); m is those lanes' mask.
+  static void store_high(M m, int, float* p, V v) { _mm512_mask_storeu_ps(p - 8, m, v); }
+  static float sum(V v) { return _mm512_reduce_add_ps(v); }
+};
+#else
+struct Isa {
+  using V = __m256;
+  using M = __m256i;
+  static constexpr int kLanes = 8;
+  // 16 registers: tile3 keeps 8 sums, the weights as memory operands.
+  static constexpr int kMaxAcc3 = 8, kMaxChunks3 = 2;
+  static M mask(uint32_t bits) {
+    alignas(32) int32_t m[8];
+    for (int l = 0; l < 8; ++l) m[l] = (bits >> l) & 1 ? -1 : 0;
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(m));
+  }
+  static V set1(float a) { return _mm256_set1_ps(a); }
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(M m, const float* p) { return _mm256_maskload_ps(p, m); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  // vmaskmovps is slow where AVX-512's masked loads are not: on a 2-core AMD EPYC Zen 3 VM, with masked loads
+  // for every tap the C 64 112x112 stride-2 forward (input from main memory) ran at 0.45x the kernels it was to
+  // replace, 1.1x with plain loads in their place; with masked loads only in the border chunks, 0.3-0.6x. So
+  // under AVX2 each plane is first copied into a zero-padded scratch plane wide enough for every chunk's loads
+  // (the copy reads the plane in address order), and the tiles load plainly from it; only pair()'s planes, of
+  // at most 4 columns, are read in place with vmaskmovps. Also rejected: the border loads as the in-row vector
+  // nearest to them, moved into place by vpermps and masked by vandps (2x slower than vmaskmovps in cache), and
+  // one branch per load between the kinds in the unrolled tiles (2-3x slower than either kind alone).
+  static constexpr bool kMaskedOnly = false;
+  static V load_into(V v, M m, const float* p) { return _mm256_or_ps(v, _mm256_maskload_ps(p, m)); }  // v zero in m
+  // The first n lanes of v to p: a plain store when n = 8, else 4-, 2- and 1-lane stores (vmaskmovps stores
+  // measured several times slower than plain ones on AMD processors).
+  static void store(M, int n, float* p, V v) {
+    if (n == 8) return _mm256_storeu_ps(p, v);
+    __m128 h = _mm256_castps256_ps128(v);
+    if (n & 4) {
+      _mm_storeu_ps(p, h);
+      h = _mm256_extractf128_ps(v, 1);
+      p += 4;
+    }
+    if (n & 2) {
+      _mm_storel_pi(reinterpret_cast<__m64*>(p), h);
+      h = _mm_movehl_ps(h, h);
+      p += 2;
+    }
+    if (n & 1) _mm_store_ss(p, h);
+  }
+  static V fma(V w, V x, V acc) { return _mm256_fmadd_ps(w, x, acc); }
+  static V fma(V w, V x, V acc, M) { return _mm256_fmadd_ps(w, x, acc); }  // off lanes read zeros (see above)
+  static V even(V a, V b) {
+    // [a0 a2 b0 b2 | a4 a6 b4 b6], then the 64-bit pairs reordered to [a0 a2 a4 a6 | b0 b2 b4 b6]
+    const __m256 t = _mm256_shuffle_ps(a, b, 0x88);
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(t), 0xD8));
+  }
+  static V halves(V a, V b) { return _mm256_blend_ps(a, b, 0xF0); }
+  static void store_high(M, int n, float* p, V v) {  // lanes [4, 4 + n) of v to p[0, n), n <= 4
+    store(M{}, n, p, _mm256_castps128_ps256(_mm256_extractf128_ps(v, 1)));
+  }
+  static float sum(V v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+  }
+};
+#endif
+
+using V = Isa::V;
+using M = Isa::M;
+constexpr int kLanes = Isa::kLanes;
 constexpr int kMaxAcc = 8;
 
+// How a tile loads (see the ISAs above): plainly from a zero-padded copy of the plane, or masked in place.
+enum LoadKind { kPlain, kMasked };
+
+template <LoadKind K>
+__attribute__((always_inline)) inline V load(M m, const float* p) {
+  if constexpr (K == kPlain) return Isa::load(p);
+  else return Isa::load(m, p);
+}
+
 struct ChunkTap {
-  int64_t col;               // input column of lane 0 (may be negative: those lanes are masked off)
-  __mmask16 lo, hi, fma;     // load masks for elements [0, 16) and [16, 32) from col; lanes that accumulate
+  int64_t col;    // input column of lane 0 (may be negative: those lanes are masked off)
+  M lo, hi, fma;  // load masks for elements [0, L) and [L, 2L) from col; lanes that accumulate
 };
 
 template <int S>
 class PlaneKernel {
  public:
-  explicit PlaneKernel(const PlaneGeom& g) : g_(g), nchunks_((g.OW + kLanes - 1) / kLanes) {
+  explicit PlaneKernel(const PlaneGeom& in) : g_(in), src_(in), nchunks_((in.OW + kLanes - 1) / kLanes) {
+    pad_ = !Isa::kMaskedOnly && !pair_applies(in) && in.ph >= 0 && in.pw >= 0;
+    if (pad_) {
+      // The scratch plane: ph zero rows above the plane and enough below for the last output row; pw zero columns
+      // left of it and, right of it, enough for the last chunk's loads (S vectors from its last tap's column).
+      g_.ph = g_.pw = 0;
+      g_.H = std::max(in.ph + in.H, (in.OH - 1) * in.sh + (in.KH - 1) * in.dh + 1);
+      g_.W = std::max(in.pw + in.W, nchunks_ * kLanes * S + (in.KW - 1) * in.dw);
+      scratch_.assign(g_.H * g_.W, 0.f);  // the padding stays zero; each plane rewrites the interior
+      gscratch_.assign(in.OH * nchunks_ * kLanes, 0.f);  // weight_grad3's grad_out rows, zero past OW
+    }
+    const PlaneGeom& g = g_;
     taps_.resize(nchunks_ * g.KW);
     for (int64_t c = 0; c < nchunks_; ++c)
       for (int64_t kw = 0; kw < g.KW; ++kw) {
         ChunkTap& t = taps_[c * g.KW + kw];
         t.col = c * kLanes * S - g.pw + kw * g.dw;
-        t.lo = t.hi = t.fma = 0;
+        uint32_t lo = 0, hi = 0, fma = 0;
         for (int l = 0; l < kLanes; ++l) {
           const int64_t ow = c * kLanes + l, iw = t.col + int64_t(l) * S;
           if (ow >= g.OW || iw < 0 || iw >= g.W) continue;
-          t.fma |= __mmask16(1u << l);
+          fma |= 1u << l;
           const int e = l * S;  // element of the load window
-          if (e < kLanes) t.lo |= __mmask16(1u << e);
-          else t.hi |= __mmask16(1u << (e - kLanes));
+          if (e < kLanes) lo |= 1u << e;
+          else hi |= 1u << (e - kLanes);
+        }
+        t.lo = Isa::mask(lo);
+        t.hi = Isa::mask(hi);
+        t.fma = Isa::mask(fma);
+        if (c == 0 && kw < 3) {  // pair()'s masks: plane 0's in the low half, plane 1's in the high half
+          pair_hi_[kw] = Isa::mask(lo << kLanes / 2);
+          pair_fma_[kw] = Isa::mask(fma | fma << kLanes / 2);
         }
       }
     for (int64_t c = 0; c < nchunks_; ++c) {
-      const int64_t n = std::min<int64_t>(kLanes, g.OW - c * kLanes);
-      store_mask_.push_back(__mmask16((1u << n) - 1));
+      const uint32_t n = static_cast<uint32_t>(std::min<int64_t>(kLanes, g.OW - c * kLanes));
+      store_mask_.push_back({Isa::mask((1u << n) - 1), static_cast<int>(n)});
+      if (c == 0) pair_store_hi_ = Isa::mask(((1u << n) - 1) << kLanes / 2);
     }
     cb_ = static_cast<int>(std::min<int64_t>(nchunks_, kMaxAcc));
     rows_ = kMaxAcc / cb_;
     k3_ = is_3x3(g);
-    cb3_ = cb_;
-    rows3_ = cb3_ <= 2 ? 8 : cb3_ <= 4 ? 4 : 2;  // at most 16 accumulators
-    if (k3_)
-      for (int kw = 0; kw < 3; ++kw) pair_fma_[kw] = __mmask16(taps_[kw].fma | (taps_[kw].fma << kLanes / 2));
+    cb3_ = static_cast<int>(std::min<int64_t>(nchunks_, Isa::kMaxChunks3));
+    // at most kMaxAcc3 accumulators, R and CB among dispatch3's tiles
+    rows3_ = Isa::kMaxAcc3 == 16 ? (cb3_ <= 2 ? 8 : cb3_ <= 4 ? 4 : 2) : (cb3_ <= 1 ? 8 : 4);
   }
 
   // 3x3, dilation 1, stride_h = stride_w: tile3's case.
@@ -365,26 +492,13 @@ class PlaneKernel {
   // C++ harness, batch 8, 2 threads, 2-core Sapphire Rapids VM, medians of 4 interleaved runs against
   // backward_weight_nchw's other paths (flat dots at stride 1 and W <= 64, row dots), MobileNetV1's 9 shapes:
   // 1.34-4.49x (C 256 28x28 s2 4.49, C 512 14x14 s2 3.38, C 128 56x56 2.29, C 1024 7x7 1.69, C 32 112x112 1.34).
-  void weight_grad3(const float* x, const float* g, float* acc) const {
-    __m512 sum[9];
-    for (auto& v : sum) v = _mm512_setzero_ps();
-    for (int64_t oh = 0; oh < g_.OH; ++oh) {
-      for (int64_t c = 0; c < nchunks_; ++c) {
-        const __m512 gv = _mm512_maskz_loadu_ps(store_mask_[c], g + oh * g_.OW + c * kLanes);
-#pragma GCC unroll 3
-        for (int kh = 0; kh < 3; ++kh) {
-          const int64_t ih = oh * S - g_.ph + kh;
-          if (ih < 0 || ih >= g_.H) continue;
-          const float* xr = x + ih * g_.W;
-#pragma GCC unroll 3
-          for (int kw = 0; kw < 3; ++kw) {
-            const __m512 v = load_tap(taps_[c * 3 + kw], xr);
-            sum[kh * 3 + kw] = _mm512_fmadd_ps(gv, v, sum[kh * 3 + kw]);
-          }
-        }
-      }
-    }
-    for (int k = 0; k < 9; ++k) acc[k] += _mm512_reduce_add_ps(sum[k]);
+  void weight_grad3(const float* x, const float* g, float* acc) {
+    if (!pad_) return weight_grad3_of<kMasked>(x, g, g_.OW, acc);
+    copy_in(x);
+    const int64_t gw = nchunks_ * kLanes;
+    for (int64_t oh = 0; oh < g_.OH; ++oh)
+      std::copy(g + oh * g_.OW, g + (oh + 1) * g_.OW, gscratch_.data() + oh * gw);
+    weight_grad3_of<kPlain>(scratch_.data(), gscratch_.data(), gw, acc);
   }
 
   // Two planes at once, for rows of at most 8 outputs (MobileNet's 7x7 layer, and 14x14 at stride 2), which one
@@ -396,10 +510,9 @@ class PlaneKernel {
   // (156 -> 68 us).
   void pair(const float* x0, const float* x1, const float* w0, const float* w1, float b0, float b1, float* out0,
             float* out1) {
-    constexpr __mmask16 hi = __mmask16(0xFF00);
-    const __m512 bv = _mm512_mask_blend_ps(hi, _mm512_set1_ps(b0), _mm512_set1_ps(b1));
-    __m512 wv[9];
-    for (int k = 0; k < 9; ++k) wv[k] = _mm512_mask_blend_ps(hi, _mm512_set1_ps(w0[k]), _mm512_set1_ps(w1[k]));
+    const V bv = Isa::halves(Isa::set1(b0), Isa::set1(b1));
+    V wv[9];
+    for (int k = 0; k < 9; ++k) wv[k] = Isa::halves(Isa::set1(w0[k]), Isa::set1(w1[k]));
     for (int64_t oh = 0; oh < g_.OH; oh += kMaxAcc) {
       switch (std::min<int64_t>(kMaxAcc, g_.OH - oh)) {
 #define PYVL_PAIR(R) \
@@ -413,15 +526,54 @@ class PlaneKernel {
   }
 
   void operator()(const float* x, const float* w, float b, float* out) {
-    const __m512 bv = _mm512_set1_ps(b);
+    if (!pad_) return correlate<kMasked>(x, w, b, out);
+    copy_in(x);
+    correlate<kPlain>(scratch_.data(), w, b, out);
+  }
+
+ private:
+  // The plane into the scratch's interior.
+  void copy_in(const float* x) {
+    for (int64_t h = 0; h < src_.H; ++h)
+      std::copy(x + h * src_.W, x + (h + 1) * src_.W, scratch_.data() + (h + src_.ph) * g_.W + src_.pw);
+  }
+
+  // weight_grad3 on x in g_'s geometry and grad_out rows gw apart.
+  template <LoadKind K>
+  void weight_grad3_of(const float* x, const float* g, int64_t gw, float* acc) const {
+    V sum[9];
+    for (auto& v : sum) v = Isa::zero();
+    for (int64_t oh = 0; oh < g_.OH; ++oh) {
+      for (int64_t c = 0; c < nchunks_; ++c) {
+        const V gv = load<K>(store_mask_[c].m, g + oh * gw + c * kLanes);
+#pragma GCC unroll 3
+        for (int kh = 0; kh < 3; ++kh) {
+          const int64_t ih = oh * S - g_.ph + kh;
+          if (ih < 0 || ih >= g_.H) continue;
+          const float* xr = x + ih * g_.W;
+#pragma GCC unroll 3
+          for (int kw = 0; kw < 3; ++kw) {
+            const V v = load_tap<K>(taps_[c * 3 + kw], xr);
+            sum[kh * 3 + kw] = Isa::fma(gv, v, sum[kh * 3 + kw]);
+          }
+        }
+      }
+    }
+    for (int k = 0; k < 9; ++k) acc[k] += Isa::sum(sum[k]);
+  }
+
+  // out = the correlation of x (in g_'s geometry) with w, + b.
+  template <LoadKind K>
+  void correlate(const float* x, const float* w, float b, float* out) {
+    const V bv = Isa::set1(b);
     if (k3_) {
-      __m512 wv[9];
-      for (int k = 0; k < 9; ++k) wv[k] = _mm512_set1_ps(w[k]);
+      V wv[9];
+      for (int k = 0; k < 9; ++k) wv[k] = Isa::set1(w[k]);
       for (int64_t oh = 0; oh < g_.OH;) {
         const int r = static_cast<int>(std::min<int64_t>(rows3_, g_.OH - oh));  // every r <= rows3_ has a tile
         for (int64_t c0 = 0; c0 < nchunks_; c0 += cb3_) {
           const int cb = static_cast<int>(std::min<int64_t>(cb3_, nchunks_ - c0));
-          dispatch3(r, cb, x, wv, bv, out, oh, c0);
+          dispatch3<K>(r, cb, x, wv, bv, out, oh, c0);
         }
         oh += r;
       }
@@ -433,23 +585,23 @@ class PlaneKernel {
       while (r > 1 && oh + r > g_.OH) r /= 2;
       for (int64_t c0 = 0; c0 < nchunks_; c0 += cb_) {
         const int cb = static_cast<int>(std::min<int64_t>(cb_, nchunks_ - c0));
-        dispatch(r, cb, x, w, bv, out, oh, c0);
+        dispatch<K>(r, cb, x, w, bv, out, oh, c0);
       }
       oh += r;
     }
   }
 
- private:
   // One chunk's inputs for tap t from input row xr: 16 lanes at stride 1; at stride 2 the even elements of 32,
   // through a two-source permute. Lanes off in t's masks (padding, past the row's end) are zero.
-  __attribute__((always_inline)) __m512 load_tap(const ChunkTap& t, const float* xr) const {
-    const __m512 v = _mm512_maskz_loadu_ps(t.lo, xr + t.col);
+  template <LoadKind K>
+  __attribute__((always_inline)) V load_tap(const ChunkTap& t, const float* xr) const {
+    const V v = load<K>(t.lo, xr + t.col);
     if (S == 1) return v;
-    return _mm512_permutex2var_ps(v, even_, _mm512_maskz_loadu_ps(t.hi, xr + t.col + kLanes));
+    return Isa::even(v, load<K>(t.hi, xr + t.col + kLanes));
   }
 
   template <int R, int CB>
-  __attribute__((always_inline)) static void fill_tile(__m512 (&acc)[R][CB], __m512 v) {
+  __attribute__((always_inline)) static void fill_tile(V (&acc)[R][CB], V v) {
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
@@ -458,18 +610,21 @@ class PlaneKernel {
 
   // The tile's rows to out (rows oh0.., chunks c0..), each chunk's lanes past the row's end left unwritten.
   template <int R, int CB>
-  __attribute__((always_inline)) void store_tile(const __m512 (&acc)[R][CB], float* out, int64_t oh0, int64_t c0) {
+  __attribute__((always_inline)) void store_tile(const V (&acc)[R][CB], float* out, int64_t oh0, int64_t c0) {
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       float* orow = out + (oh0 + r) * g_.OW + c0 * kLanes;
 #pragma GCC unroll 8
-      for (int c = 0; c < CB; ++c) _mm512_mask_storeu_ps(orow + c * kLanes, store_mask_[c0 + c], acc[r][c]);
+      for (int c = 0; c < CB; ++c) {
+        const StoreMask& m = store_mask_[c0 + c];
+        Isa::store(m.m, m.n, orow + c * kLanes, acc[r][c]);
+      }
     }
   }
 
-  template <int R, int CB>
-  void tile(const float* x, const float* w, __m512 bv, float* out, int64_t oh0, int64_t c0) {
-    __m512 acc[R][CB];
+  template <int R, int CB, LoadKind K>
+  void tile(const float* x, const float* w, V bv, float* out, int64_t oh0, int64_t c0) {
+    V acc[R][CB];
     fill_tile<R, CB>(acc, bv);
     const ChunkTap* taps = taps_.data() + c0 * g_.KW;
     int64_t ih0[R];
@@ -481,15 +636,15 @@ class PlaneKernel {
     for (int64_t kw = 0; kw < g_.KW; ++kw) {
 #pragma GCC unroll 8
       for (int c = 0; c < CB; ++c) {
-        const ChunkTap t = taps[c * g_.KW + kw];
+        const ChunkTap& t = taps[c * g_.KW + kw];
         for (int64_t kh = 0; kh < g_.KH; ++kh) {
-          const __m512 wv = _mm512_set1_ps(w[kh * g_.KW + kw]);
+          const V wv = Isa::set1(w[kh * g_.KW + kw]);
 #pragma GCC unroll 8
           for (int r = 0; r < R; ++r) {
             const int64_t ih = ih0[r] + kh * g_.dh;
             if (ih < 0 || ih >= g_.H) continue;
-            const __m512 v = load_tap(t, x + ih * g_.W);
-            acc[r][c] = _mm512_mask3_fmadd_ps(wv, v, acc[r][c], t.fma);
+            const V v = load_tap<K>(t, x + ih * g_.W);
+            acc[r][c] = Isa::fma(wv, v, acc[r][c], t.fma);
           }
         }
       }
@@ -500,47 +655,46 @@ class PlaneKernel {
   // 3x3, dilation 1, stride S along both axes: each input row of the tile is loaded once per (kw, chunk) and feeds
   // every output row it touches (up to three), with the nine weights in registers: (S*(R - 1) + 3) * 3 loads for
   // 9 * R FMAs.
-  template <int R, int CB>
-  void tile3(const float* x, const __m512* wv, __m512 bv, float* out, int64_t oh0, int64_t c0) {
-    __m512 acc[R][CB];
+  template <int R, int CB, LoadKind K>
+  void tile3(const float* x, const V* wv, V bv, float* out, int64_t oh0, int64_t c0) {
+    V acc[R][CB];
     fill_tile<R, CB>(acc, bv);
     const ChunkTap* taps = taps_.data() + c0 * 3;
-#pragma GCC unroll 17
-    for (int i = 0; i < S * (R - 1) + 3; ++i) {
+    constexpr int NI = S * (R - 1) + 3;
+    // Input row i of the tile, tap kw, chunk c: one load feeding the output rows r with kh = i - S*r in [0, 3).
+    auto step = [&](int i, int kw, int c) __attribute__((always_inline)) {
       const int64_t ih = oh0 * S - g_.ph + i;
-      if (ih < 0 || ih >= g_.H) continue;
-      const float* xr = x + ih * g_.W;
-#pragma GCC unroll 3
-      for (int kw = 0; kw < 3; ++kw) {
+      if (ih < 0 || ih >= g_.H) return;
+      const ChunkTap& t = taps[c * 3 + kw];
+      const V v = load_tap<K>(t, x + ih * g_.W);
 #pragma GCC unroll 8
-        for (int c = 0; c < CB; ++c) {
-          const ChunkTap& t = taps[c * 3 + kw];
-          const __m512 v = load_tap(t, xr);
-#pragma GCC unroll 8
-          for (int r = 0; r < R; ++r) {
-            const int kh = i - S * r;
-            if (kh >= 0 && kh < 3) acc[r][c] = _mm512_mask3_fmadd_ps(wv[kh * 3 + kw], v, acc[r][c], t.fma);
-          }
-        }
+      for (int r = 0; r < R; ++r) {
+        const int kh = i - S * r;
+        if (kh >= 0 && kh < 3) acc[r][c] = Isa::fma(wv[kh * 3 + kw], v, acc[r][c], t.fma);
       }
-    }
+    };
+#pragma GCC unroll 17
+    for (int i = 0; i < NI; ++i)
+#pragma GCC unroll 3
+      for (int kw = 0; kw < 3; ++kw)
+#pragma GCC unroll 8
+        for (int c = 0; c < CB; ++c) step(i, kw, c);
     store_tile<R, CB>(acc, out, oh0, c0);
   }
 
   // tile3 for pair(): R output rows of both planes, one accumulator per row.
   template <int R>
-  void pair_tile3(const float* x0, const float* x1, const __m512* wv, __m512 bv, float* out0, float* out1,
-                  int64_t oh0) {
+  void pair_tile3(const float* x0, const float* x1, const V* wv, V bv, float* out0, float* out1, int64_t oh0) {
     constexpr int kHalf = kLanes / 2;
-    __m512 acc[R];
+    V acc[R];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc[r] = bv;
-    __mmask16 lo[3], hi[3], fma[3];
+    M lo[3], hi[3], fma[3];
     int64_t col[3];
 #pragma GCC unroll 3
     for (int kw = 0; kw < 3; ++kw) {
       lo[kw] = taps_[kw].lo;
-      hi[kw] = __mmask16(taps_[kw].lo << kHalf);
+      hi[kw] = pair_hi_[kw];
       fma[kw] = pair_fma_[kw];
       col[kw] = taps_[kw].col;
     }
@@ -552,32 +706,33 @@ class PlaneKernel {
       const float* r1 = x1 + ih * g_.W;
 #pragma GCC unroll 3
       for (int kw = 0; kw < 3; ++kw) {
-        __m512 v;
+        V v;
         if (S == 1)
-          v = _mm512_mask_loadu_ps(_mm512_maskz_loadu_ps(lo[kw], r0 + col[kw]), hi[kw], r1 + col[kw] - kHalf);
+          v = Isa::load_into(Isa::load(lo[kw], r0 + col[kw]), hi[kw], r1 + col[kw] - kHalf);
         else
-          v = _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(lo[kw], r0 + col[kw]), even_,
-                                     _mm512_maskz_loadu_ps(lo[kw], r1 + col[kw]));
+          v = Isa::even(Isa::load(lo[kw], r0 + col[kw]), Isa::load(lo[kw], r1 + col[kw]));
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
           const int kh = i - S * r;
-          if (kh >= 0 && kh < 3) acc[r] = _mm512_mask3_fmadd_ps(wv[kh * 3 + kw], v, acc[r], fma[kw]);
+          if (kh >= 0 && kh < 3) acc[r] = Isa::fma(wv[kh * 3 + kw], v, acc[r], fma[kw]);
         }
       }
     }
-    const __mmask16 m = store_mask_[0];
+    const M m = store_mask_[0].m, m1 = pair_store_hi_;
+    const int n = store_mask_[0].n;
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      _mm512_mask_storeu_ps(out0 + (oh0 + r) * g_.OW, m, acc[r]);
-      _mm512_mask_storeu_ps(out1 + (oh0 + r) * g_.OW - kHalf, __mmask16(m << kHalf), acc[r]);
+      Isa::store(m, n, out0 + (oh0 + r) * g_.OW, acc[r]);
+      Isa::store_high(m1, n, out1 + (oh0 + r) * g_.OW, acc[r]);
     }
   }
 
-  void dispatch3(int r, int cb, const float* x, const __m512* wv, __m512 bv, float* out, int64_t oh, int64_t c0) {
+  template <LoadKind K>
+  void dispatch3(int r, int cb, const float* x, const V* wv, V bv, float* out, int64_t oh, int64_t c0) {
     switch (r * 16 + cb) {
 #define PYVL_TILE(R, CB) \
   case R * 16 + CB:      \
-    tile3<R, CB>(x, wv, bv, out, oh, c0); break;
+    tile3<R, CB, K>(x, wv, bv, out, oh, c0); break;
 #define PYVL_TILES4(CB) PYVL_TILE(1, CB) PYVL_TILE(2, CB) PYVL_TILE(3, CB) PYVL_TILE(4, CB)
 #define PYVL_TILES8(CB) PYVL_TILES4(CB) PYVL_TILE(5, CB) PYVL_TILE(6, CB) PYVL_TILE(7, CB) PYVL_TILE(8, CB)
       PYVL_TILES8(1) PYVL_TILES8(2) PYVL_TILES4(3) PYVL_TILES4(4)
@@ -590,11 +745,12 @@ class PlaneKernel {
     }
   }
 
-  void dispatch(int r, int cb, const float* x, const float* w, __m512 bv, float* out, int64_t oh, int64_t c0) {
+  template <LoadKind K>
+  void dispatch(int r, int cb, const float* x, const float* w, V bv, float* out, int64_t oh, int64_t c0) {
     switch (r * 16 + cb) {
 #define PYVL_TILE(R, CB) \
   case R * 16 + CB:      \
-    tile<R, CB>(x, w, bv, out, oh, c0); break;
+    tile<R, CB, K>(x, w, bv, out, oh, c0); break;
       PYVL_TILE(8, 1) PYVL_TILE(4, 1) PYVL_TILE(2, 1) PYVL_TILE(1, 1)
       PYVL_TILE(4, 2) PYVL_TILE(2, 2) PYVL_TILE(1, 2)
       PYVL_TILE(2, 3) PYVL_TILE(1, 3)
@@ -605,20 +761,37 @@ class PlaneKernel {
     }
   }
 
-  PlaneGeom g_;
+  // Under AVX2 (pad_) the kernels run on scratch_, the plane zero-padded to g_, whose padding is 0; src_ is the
+  // caller's geometry. Otherwise g_ = src_.
+  PlaneGeom g_, src_;
   int64_t nchunks_;
   int cb_ = 1, rows_ = 1;
   bool k3_ = false;
   int cb3_ = 1, rows3_ = 1;
-  __mmask16 pair_fma_[3] = {};  // per kw: taps_[kw].fma for both halves
+  M pair_hi_[3] = {}, pair_fma_[3] = {};  // per kw, for pair(): chunk 0's load mask moved to the high half; its
+  M pair_store_hi_ = {};                   // FMA mask in both halves; its store mask in the high half
   std::vector<ChunkTap> taps_;
-  std::vector<__mmask16> store_mask_;
-  const __m512i even_ = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  struct StoreMask {
+    M m;    // lanes of the chunk inside the row,
+    int n;  // as a count
+  };
+  std::vector<StoreMask> store_mask_;
+  bool pad_ = false;
+  std::vector<float> scratch_, gscratch_;
 };
 
-inline bool applies(const PlaneGeom& g) { return g.sw == 1 || g.sw == 2; }
+// Whether the plane kernels take a forward (or stride-1 input gradient) of this geometry: any plane under AVX-512;
+// under AVX2 planes at most kPadCopyMaxWidth wide, where the plane kernels below replace PhasePlanes and the
+// scratch-plane copy. On larger planes, read from main memory, the extra copy into the scratch plane cost more than
+// the tiles saved (C++ harness, Zen 3: 0.85-0.9x at 112x112, stride 1 and 2, forward, weight and input gradient)
+// and the in-place rows of correlate_plane stay; the weight gradient at stride 2 is the exception (2.2x at C 64
+// 112x112: the row dots it replaces read every other input).
+inline bool takes(const PlaneGeom& g) {
+  return (g.sw == 1 || g.sw == 2) && (Isa::kMaskedOnly || g.W <= kPadCopyMaxWidth);
+}
+inline bool takes_weight_grad(const PlaneGeom& g) { return takes(g) || g.sw == 2; }
 
-}  // namespace avx512
+}  // namespace planes
 #endif
 
 PlaneGeom plane_geom(const Conv2dShape& s) {
@@ -641,18 +814,18 @@ void correlate_planes(const T* x, const T* weight, const T* bias, T* out, const 
   }
 }
 
-#if defined(__AVX512F__)
-// correlate_planes through avx512::PlaneKernel<S>, two planes per call where its pair() applies: planes 2q and
+#if defined(PYVL_PLANE_KERNELS)
+// correlate_planes through planes::PlaneKernel<S>, two planes per call where its pair() applies: planes 2q and
 // 2q + 1 of the N*C (they may belong to different images), an odd last one alone.
 template <int S>
-void correlate_planes_avx512(const float* x, const float* weight, const float* bias, float* out, const Conv2dShape& s,
-                             const PlaneGeom& g) {
-  if (!avx512::PlaneKernel<S>::pair_applies(g))
-    return correlate_planes<avx512::PlaneKernel<S>>(x, weight, bias, out, s, g);
+void correlate_planes_simd(const float* x, const float* weight, const float* bias, float* out, const Conv2dShape& s,
+                           const PlaneGeom& g) {
+  if (!planes::PlaneKernel<S>::pair_applies(g))
+    return correlate_planes<planes::PlaneKernel<S>>(x, weight, bias, out, s, g);
   const int64_t planes = s.N * s.C, in = s.H * s.W, on = s.OH * s.OW, KK = s.KH * s.KW;
 #pragma omp parallel
   {
-    avx512::PlaneKernel<S> correlate(g);
+    planes::PlaneKernel<S> correlate(g);
 #pragma omp for schedule(static)
     for (int64_t q = 0; q < (planes + 1) / 2; ++q) {
       const int64_t p0 = 2 * q, p1 = p0 + 1, c0 = p0 % s.C, c1 = p1 % s.C;
@@ -671,10 +844,10 @@ void correlate_planes_avx512(const float* x, const float* weight, const float* b
 template <typename T>
 void forward_nchw(const T* x, const T* weight, const T* bias, T* out, const Conv2dShape& s) {
   const PlaneGeom g = plane_geom(s);
-#if defined(__AVX512F__)
+#if defined(PYVL_PLANE_KERNELS)
   if constexpr (std::is_same_v<T, float>) {
-    if (g.sw == 1) return correlate_planes_avx512<1>(x, weight, bias, out, s, g);
-    if (g.sw == 2) return correlate_planes_avx512<2>(x, weight, bias, out, s, g);
+    if (g.sw == 1 && planes::takes(g)) return correlate_planes_simd<1>(x, weight, bias, out, s, g);
+    if (g.sw == 2 && planes::takes(g)) return correlate_planes_simd<2>(x, weight, bias, out, s, g);
   }
 #endif
   correlate_planes<PlaneCorrelator<T>>(x, weight, bias, out, s, g);
@@ -755,7 +928,7 @@ void backward_input_nchw_upsampled(const T* grad_out, const T* weight, T* grad_x
 inline bool s2k3_input_grad_applies(const Conv2dShape& s) { return s.KW == 3 && s.stride_w == 2 && s.dil_w == 1; }
 
 void backward_input_nchw_s2k3(const float* grad_out, const float* weight, float* grad_x, const Conv2dShape& s) {
-  constexpr int kL = avx512::kLanes;
+  constexpr int kL = planes::kLanes;
   const TapTable rows = transposed_taps(s.H, s.OH, s.KH, s.stride_h, s.pad_h, s.dil_h);
   const int par = static_cast<int>(s.pad_w & 1);  // parity of u at lane 0 of every chunk (chunks start even)
   alignas(64) int32_t di[kL], d2i[kL];
@@ -833,11 +1006,11 @@ void backward_input_nchw(const T* grad_out, const T* weight, T* grad_x, const Co
       for (int64_t k = 0; k < KK; ++k) flipped[c * KK + k] = weight[c * KK + KK - 1 - k];
     const PlaneGeom g{s.OH, s.OW, s.H, s.W, s.KH, s.KW, 1, 1,
                       s.dil_h * (s.KH - 1) - s.pad_h, s.dil_w * (s.KW - 1) - s.pad_w, s.dil_h, s.dil_w};
-#if defined(__AVX512F__)
+#if defined(PYVL_PLANE_KERNELS)
     if constexpr (std::is_same_v<T, float>) {
       if (g.ph >= 0 && g.pw >= 0) {
-        // The forward's AVX-512 plane kernels (3x3 register tiles, two planes per vector for rows of at most 8),
-        // on grad_out as the input. C++ harness, batch 8, 2 threads, 2-core Sapphire Rapids VM, medians of 6
+        // The forward's plane kernels (3x3 register tiles, two planes per vector for rows of at most half a
+        // vector), on grad_out as the input. C++ harness, batch 8, 2 threads, 2-core Sapphire Rapids VM, medians of 6
         // interleaved runs against the per-plane correlator below, MobileNetV1's stride-1 shapes: C 32 112x112
         // 1.58x, C 128 56x56 1.86x, C 256 28x28 1.78x, C 512 14x14 1.64x, C 1024 7x7 2.77x.
         const Conv2dShape t{s.N, s.C, s.OH, s.OW, s.KH, s.KW, s.H, s.W, 1, 1, g.ph, g.pw, s.dil_h, s.dil_w};
@@ -983,16 +1156,18 @@ void backward_weight_nchw_flat(const T* grad_out, const T* x, T* grad_weight, co
 
 template <typename T>
 void backward_weight_nchw(const T* grad_out, const T* x, T* grad_weight, const Conv2dShape& s) {
-#if defined(__AVX512F__)
+#if defined(PYVL_PLANE_KERNELS)
   if constexpr (std::is_same_v<T, float>) {
     const PlaneGeom g = plane_geom(s);
     auto run = [&](auto kernel) {
       using K = decltype(kernel);
       weight_grad_by_channel(grad_out, x, grad_weight, s, [&] { return K(g); },
-                             [](const K& k, const T* xp, const T* gp, T* acc) { k.weight_grad3(xp, gp, acc); });
+                             [](K& k, const T* xp, const T* gp, T* acc) { k.weight_grad3(xp, gp, acc); });
     };
-    if (g.sw == 1 && avx512::PlaneKernel<1>::is_3x3(g)) return run(avx512::PlaneKernel<1>(g));
-    if (g.sw == 2 && avx512::PlaneKernel<2>::is_3x3(g)) return run(avx512::PlaneKernel<2>(g));
+    if (planes::takes_weight_grad(g)) {
+      if (g.sw == 1 && planes::PlaneKernel<1>::is_3x3(g)) return run(planes::PlaneKernel<1>(g));
+      if (g.sw == 2 && planes::PlaneKernel<2>::is_3x3(g)) return run(planes::PlaneKernel<2>(g));
+    }
   }
 #endif
   if (flat_weight_grad_applies(s)) {

@@ -116,6 +116,9 @@ int main() {
       make_shape(3, 5, 5, 5, 3, 3, 1, 1, 2, 2, 1, 1),      // 15 planes, 7x7 outputs of 5x5 inputs
       make_shape(1, 3, 20, 6, 3, 3, 1, 1, 1, 1, 1, 1),     // 20 rows of 6
       make_shape(2, 7, 14, 13, 3, 3, 2, 2, 1, 1, 1, 1),    // MobileNet's 14x14 stride 2 (7 wide), odd width
+      // rows of at most 4 outputs: two planes per vector under AVX2 too
+      make_shape(3, 5, 7, 7, 3, 3, 2, 2, 1, 1, 1, 1),      // 15 planes, 4x4 outputs at stride 2
+      make_shape(1, 6, 9, 4, 3, 3, 1, 1, 1, 1, 1, 1),      // 9 rows of 4 at stride 1
       // NHWC input gradient at stride_w 2 through the strips (TransposedCols2): even column padding (D = 2), odd
       // padding past the kernel's reach, and 530 channels (8-pixel strips under AVX-512).
       make_shape(2, 21, 9, 18, 3, 3, 1, 2, 1, 0, 1, 1),    // stride 1 x 2, no column padding
