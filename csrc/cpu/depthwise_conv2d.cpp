@@ -316,9 +316,8 @@ class PlaneCorrelator {
 // reloaded per FMA, was 0.75-1.1x at stride 1: a 64-byte unaligned load splits over two cache lines, so one zmm
 // load per FMA saturates the load ports. Under AVX2 on a 2-core AMD EPYC Zen 3 VM (C++ harness, batch 8, 2 threads,
 // fastest of 4 interleaved rounds against the kernels replaced; that VM's rounds scatter by 15-30%), MobileNetV1's
-// shapes where planes::takes() applies: forward 1.05-1.64x (stride 2: 56x56 1.48, 28x28 1.41, 14x14 1.64), weight
-// gradient 1.09-5.05x (28x28 stride 2 5.05, 14x14 stride 2 4.65), stride-1 input gradient 0.87-1.20x (no clear
-// gain, within that scatter).
+// shapes where planes::takes() and takes_weight_grad() apply: forward at stride 2 1.35-1.7x (56x56, 28x28, 14x14),
+// weight gradient 1.09-5.05x (28x28 stride 2 5.05, 14x14 stride 2 4.65).
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #define PYVL_PLANE_KERNELS 1
 namespace planes {
@@ -781,15 +780,18 @@ class PlaneKernel {
 };
 
 // Whether the plane kernels take a forward (or stride-1 input gradient) of this geometry: any plane under AVX-512;
-// under AVX2 planes at most kPadCopyMaxWidth wide, where the plane kernels below replace PhasePlanes and the
-// scratch-plane copy. On larger planes, read from main memory, the extra copy into the scratch plane cost more than
-// the tiles saved (C++ harness, Zen 3: 0.85-0.9x at 112x112, stride 1 and 2, forward, weight and input gradient)
-// and the in-place rows of correlate_plane stay; the weight gradient at stride 2 is the exception (2.2x at C 64
-// 112x112: the row dots it replaces read every other input).
+// under AVX2 stride-2 planes at most kPadCopyMaxWidth wide. Measured under AVX2 (Zen 3, batch 8, 2 threads, input in
+// L3, fastest of 50 calls, 3 interleaved runs) against the kernels they would replace: stride 2 at 56x56 / 28x28 /
+// 14x14 1.5 / 1.6 / 1.7x; but stride 1 at 56 / 28 / 14 / 7 1.0 / 0.8 / 0.95 / 1.0x against PhasePlanes' flat rows,
+// and 0.85-0.9x at 112x112 (stride 1 and 2, read from main memory), where the copy into the scratch plane costs
+// more than the tiles save. The weight gradient gains at both strides (1.1-5x at MobileNetV1's shapes up to 56x56),
+// and at 112x112 stride 2 (2.2x: the row dots it replaces read every other input).
 inline bool takes(const PlaneGeom& g) {
-  return (g.sw == 1 || g.sw == 2) && (Isa::kMaskedOnly || g.W <= kPadCopyMaxWidth);
+  return (g.sw == 1 || g.sw == 2) && (Isa::kMaskedOnly || (g.sw == 2 && g.W <= kPadCopyMaxWidth));
 }
-inline bool takes_weight_grad(const PlaneGeom& g) { return takes(g) || g.sw == 2; }
+inline bool takes_weight_grad(const PlaneGeom& g) {
+  return Isa::kMaskedOnly || g.W <= kPadCopyMaxWidth || g.sw == 2;
+}
 
 }  // namespace planes
 #endif
