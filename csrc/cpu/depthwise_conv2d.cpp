@@ -443,7 +443,6 @@ class PlaneKernel {
       g_.H = std::max(in.ph + in.H, (in.OH - 1) * in.sh + (in.KH - 1) * in.dh + 1);
       g_.W = std::max(in.pw + in.W, nchunks_ * kLanes * S + (in.KW - 1) * in.dw);
       scratch_.assign(g_.H * g_.W, 0.f);  // the padding stays zero; each plane rewrites the interior
-      gscratch_.assign(in.OH * nchunks_ * kLanes, 0.f);  // weight_grad3's grad_out rows, zero past OW
     }
     const PlaneGeom& g = g_;
     taps_.resize(nchunks_ * g.KW);
@@ -495,6 +494,7 @@ class PlaneKernel {
     if (!pad_) return weight_grad3_of<kMasked>(x, g, g_.OW, acc);
     copy_in(x);
     const int64_t gw = nchunks_ * kLanes;
+    if (gscratch_.empty()) gscratch_.assign(g_.OH * gw, 0.f);  // grad_out's rows, zero past OW (never written)
     for (int64_t oh = 0; oh < g_.OH; ++oh)
       std::copy(g + oh * g_.OW, g + (oh + 1) * g_.OW, gscratch_.data() + oh * gw);
     weight_grad3_of<kPlain>(scratch_.data(), gscratch_.data(), gw, acc);
@@ -659,25 +659,25 @@ class PlaneKernel {
     V acc[R][CB];
     fill_tile<R, CB>(acc, bv);
     const ChunkTap* taps = taps_.data() + c0 * 3;
-    constexpr int NI = S * (R - 1) + 3;
-    // Input row i of the tile, tap kw, chunk c: one load feeding the output rows r with kh = i - S*r in [0, 3).
-    auto step = [&](int i, int kw, int c) __attribute__((always_inline)) {
-      const int64_t ih = oh0 * S - g_.ph + i;
-      if (ih < 0 || ih >= g_.H) return;
-      const ChunkTap& t = taps[c * 3 + kw];
-      const V v = load_tap<K>(t, x + ih * g_.W);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const int kh = i - S * r;
-        if (kh >= 0 && kh < 3) acc[r][c] = Isa::fma(wv[kh * 3 + kw], v, acc[r][c], t.fma);
-      }
-    };
 #pragma GCC unroll 17
-    for (int i = 0; i < NI; ++i)
+    for (int i = 0; i < S * (R - 1) + 3; ++i) {
+      const int64_t ih = oh0 * S - g_.ph + i;
+      if (ih < 0 || ih >= g_.H) continue;
+      const float* xr = x + ih * g_.W;
 #pragma GCC unroll 3
-      for (int kw = 0; kw < 3; ++kw)
+      for (int kw = 0; kw < 3; ++kw) {
 #pragma GCC unroll 8
-        for (int c = 0; c < CB; ++c) step(i, kw, c);
+        for (int c = 0; c < CB; ++c) {
+          const ChunkTap& t = taps[c * 3 + kw];
+          const V v = load_tap<K>(t, xr);
+#pragma GCC unroll 8
+          for (int r = 0; r < R; ++r) {
+            const int kh = i - S * r;
+            if (kh >= 0 && kh < 3) acc[r][c] = Isa::fma(wv[kh * 3 + kw], v, acc[r][c], t.fma);
+          }
+        }
+      }
+    }
     store_tile<R, CB>(acc, out, oh0, c0);
   }
 
@@ -776,7 +776,7 @@ class PlaneKernel {
   };
   std::vector<StoreMask> store_mask_;
   bool pad_ = false;
-  std::vector<float> scratch_, gscratch_;
+  std::vector<float> scratch_, gscratch_;  // the padded plane; weight_grad3's padded grad_out (made on first use)
 };
 
 // Whether the plane kernels take a forward (or stride-1 input gradient) of this geometry: any plane under AVX-512;
@@ -848,8 +848,9 @@ void forward_nchw(const T* x, const T* weight, const T* bias, T* out, const Conv
   const PlaneGeom g = plane_geom(s);
 #if defined(PYVL_PLANE_KERNELS)
   if constexpr (std::is_same_v<T, float>) {
-    if (g.sw == 1 && planes::takes(g)) return correlate_planes_simd<1>(x, weight, bias, out, s, g);
-    if (g.sw == 2 && planes::takes(g)) return correlate_planes_simd<2>(x, weight, bias, out, s, g);
+    if (planes::takes(g))
+      return g.sw == 1 ? correlate_planes_simd<1>(x, weight, bias, out, s, g)
+                       : correlate_planes_simd<2>(x, weight, bias, out, s, g);
   }
 #endif
   correlate_planes<PlaneCorrelator<T>>(x, weight, bias, out, s, g);
