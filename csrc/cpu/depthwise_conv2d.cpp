@@ -1,8 +1,10 @@
 // Depthwise convolution on the CPU.
 //
-// NCHW: one thread owns whole (n, c) planes, which fit in L2, and vectorizes along the output row. With AVX-512
-// (float, stride 1 or 2 along w) rows go in 16-lane chunks whose borders and tails are masks, and 3x3 kernels reuse
-// each loaded input row for every output row of a register tile (planes::PlaneKernel). Otherwise each row splits
+// NCHW, kernels three wide (MobileNet's), float, AVX2 without AVX-512: blocks of 16 planes interleaved into a
+// channels-last scratch, then the NHWC strips below (nchw_strips; the forward only on planes up to 64 x 64).
+// Other NCHW problems: one thread owns whole (n, c) planes, which fit in L2, and vectorizes along the output row.
+// With AVX-512 (float, stride 1 or 2 along w) rows go in 16-lane chunks whose borders and tails are masks, and 3x3
+// kernels reuse each loaded input row for every output row of a register tile (planes::PlaneKernel). Otherwise each row splits
 // into an interior, where every tap is in bounds and the loop has no checks, and a few border columns done with
 // checks; 3x3 stride 1/2 interiors get a fused loop that keeps all nine taps in one pass.
 // NHWC: vectorizes over channels. Which taps of a pixel are in bounds is decided once per row and column from
@@ -1585,6 +1587,203 @@ void forward_nhwc_strips(const T* x, const T* wpk, const T* bias, T* out, int64_
   forward_nhwc_strips_of<T, Cols, kStripPixels>(x, wpk, bias, out, N, H, W, C, OH, OW, KH, pad_w, rows);
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// NCHW through the NHWC strips (float, AVX2 without AVX-512)
+//
+// The NCHW plane kernels vectorize along a row, so MobileNet's short rows (7 to 56 wide) are mostly borders and
+// partial vectors, and under AVX2 the masked loads that would cover them are slow (see planes::Isa). Here each
+// thread instead takes B = kChannelPack planes of one image at a time (the B channels of one weight block),
+// interleaves them into a pixel-major scratch [H][W][B] (8 x 8 register transposes), runs the register-blocked NHWC
+// strips over it with C = B, and de-interleaves the [OH][OW][B] result into the B output planes. Up to 64 x 64
+// pixels the scratch pair stays in L2 (H*W*B floats each), so the two transposes cost cache bandwidth only; larger
+// planes go kRingRows rows at a time through a ring of the input rows in use (the input gradient's; the forward
+// keeps its plane kernels there). The strips then see no row borders but the padding columns, and every lane of
+// every vector is a real channel. The input gradient takes the same path (the strips' transposed column taps at
+// stride 2, the flipped kernel at stride 1), as it does in NHWC.
+constexpr int64_t kBlockedMaxPlane = 64 * 64;  // pixels per plane: H*W*B floats of scratch (256 KiB at 64 x 64)
+// Rows per transpose run on larger planes. Against one row at a time, C 32 112x112 stride 1 / C 64 stride 2 (the
+// forward, when it took the ring, Zen 3, fastest of 30 alternating calls, 4 runs): 1.05-1.15x / 1.0-1.1x; 16 rows:
+// no further gain.
+constexpr int64_t kRingRows = 8;
+
+#if defined(__AVX2__) && defined(__FMA__)
+// In-register transpose of eight rows of eight floats.
+inline void transpose8(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256& r4, __m256& r5, __m256& r6,
+                       __m256& r7) {
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+  const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+  const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+  const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r0 = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r1 = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r2 = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r3 = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r4 = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r5 = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r6 = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r7 = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// dst[p * ld + c] = src[c * plane + p] for p < n, c < 8: eight planes into eight channels of a pixel-major buffer.
+inline void interleave8(const float* src, int64_t plane, int64_t n, float* dst, int64_t ld) {
+  int64_t p = 0;
+  for (; p + 8 <= n; p += 8) {
+    __m256 r[8];
+    for (int c = 0; c < 8; ++c) r[c] = _mm256_loadu_ps(src + c * plane + p);
+    transpose8(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]);
+    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (p + i) * ld, r[i]);
+  }
+  for (; p < n; ++p)
+    for (int c = 0; c < 8; ++c) dst[p * ld + c] = src[c * plane + p];
+}
+
+// dst[c * plane + p] = src[p * ld + c] for p < n, c < 8: the inverse of interleave8.
+inline void deinterleave8(const float* src, int64_t ld, int64_t n, float* dst, int64_t plane) {
+  int64_t p = 0;
+  for (; p + 8 <= n; p += 8) {
+    __m256 r[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + (p + i) * ld);
+    transpose8(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]);
+    for (int c = 0; c < 8; ++c) _mm256_storeu_ps(dst + c * plane + p, r[c]);
+  }
+  for (; p < n; ++p)
+    for (int c = 0; c < 8; ++c) dst[c * plane + p] = src[p * ld + c];
+}
+
+// out [N, C, OH, OW] from x [N, C, H, W]: forward_nhwc_strips_of's problem (same arguments) over NCHW tensors.
+template <class Cols>
+void nchw_strips(const float* x, const float* wpk, const float* bias, float* out, int64_t N, int64_t H, int64_t W,
+                 int64_t C, int64_t OH, int64_t OW, int64_t KH, int64_t pad_w, const TapTable& rows) {
+  constexpr int64_t B = kChannelPack<float>;
+  constexpr int P = kStripPixels;
+  static_assert(B % 8 == 0, "whole 8 x 8 transposes per block");
+  const int64_t KK = KH * 3, HW = H * W, OHW = OH * OW;
+  const int64_t groups = (C + B - 1) / B;
+  std::vector<float> bpk(groups * B, 0.f);
+  if (bias) std::copy(bias, bias + C, bpk.begin());
+  // Small planes are interleaved whole (one long run of transposes). Large ones go F rows at a time into a ring
+  // that holds the rows an output row reads plus F - 1, and the output rows are de-interleaved F at a time.
+  const bool whole = HW <= kBlockedMaxPlane;
+  int64_t span = 1;
+  for (int64_t o = 0; o < OH; ++o) {
+    int64_t lo = H, hi = -1;
+    for (int64_t a = 0; a < rows.count[o]; ++a) {
+      lo = std::min(lo, rows.pos[o * rows.K + a]);
+      hi = std::max(hi, rows.pos[o * rows.K + a]);
+    }
+    span = std::max(span, hi - lo + 1);
+  }
+  const int64_t F = whole ? H : kRingRows;
+  const int64_t FO = whole ? OH : F;
+  const int64_t ring = whole ? H : (span + F - 1 + F - 1) / F * F;
+#pragma omp parallel
+  {
+    std::vector<float> xin(ring * W * B), yout(FO * OW * B), part(8 * std::max(HW, OHW), 0.f);
+    // Input rows [r0, r1) of the block's len channels (planes of xg) into their ring slots (r0 a multiple of F).
+    auto fill = [&](const float* xg, int64_t len, int64_t r0, int64_t r1) {
+      const int64_t npix = (r1 - r0) * W;
+      float* dst = xin.data() + (r0 % ring) * W * B;
+      for (int64_t e = 0; e < B; e += 8) {
+        if (e + 8 <= len) {
+          interleave8(xg + e * HW + r0 * W, HW, npix, dst + e, B);
+        } else {  // channels past C: zero planes (their outputs are dropped)
+          std::fill(part.begin(), part.begin() + 8 * npix, 0.f);
+          for (int64_t c = e; c < len; ++c)
+            std::copy(xg + c * HW + r0 * W, xg + c * HW + r1 * W, part.data() + (c - e) * npix);
+          interleave8(part.data(), npix, npix, dst + e, B);
+        }
+      }
+      // The next F rows: 16 planes' rows are more streams than the prefetchers follow (measured on a 2-core AMD
+      // EPYC Zen 3 at C 32 112x112 stride 1: 1.13x).
+      if (!whole)
+        for (int64_t c = 0; c < len; ++c)
+          for (int64_t l = r1 * W; l < std::min(H, r1 + F) * W; l += simd::line_elems<float>)
+            __builtin_prefetch(xg + c * HW + l);
+    };
+    // Output rows [o0, o1), computed into yout, into the block's len planes of og.
+    auto drain = [&](float* og, int64_t len, int64_t o0, int64_t o1) {
+      const int64_t npix = (o1 - o0) * OW;
+      for (int64_t e = 0; e < len; e += 8) {
+        if (e + 8 <= len) {
+          deinterleave8(yout.data() + e, B, npix, og + e * OHW + o0 * OW, OHW);
+        } else {
+          deinterleave8(yout.data() + e, B, npix, part.data(), npix);
+          for (int64_t c = e; c < len; ++c)
+            std::copy(part.data() + (c - e) * npix, part.data() + (c - e + 1) * npix, og + c * OHW + o0 * OW);
+        }
+      }
+    };
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t c0 = g * B, len = std::min(B, C - c0);
+        const float* xg = x + (n * C + c0) * HW;
+        float* og = out + (n * C + c0) * OHW;
+        const float* wg = wpk + g * KK * B;
+        int64_t filled = 0;  // input rows below this one have been through the ring
+        for (int64_t oh = 0; oh < OH; ++oh) {
+          const int nr = static_cast<int>(rows.count[oh]);
+          int64_t last = -1;
+          for (int a = 0; a < nr; ++a) last = std::max(last, rows.pos[oh * rows.K + a]);
+          for (; filled <= last; filled += F) fill(xg, len, filled, std::min(H, filled + F));
+          const float* xrows[kStripMaxRows];
+          const float* wrows[kStripMaxRows];
+          for (int a = 0; a < nr; ++a) {
+            xrows[a] = xin.data() + (rows.pos[oh * rows.K + a] % ring) * W * B;
+            wrows[a] = wg + rows.k[oh * rows.K + a] * 3 * B;
+          }
+          float* orow = yout.data() + (oh % FO) * OW * B;
+          for (int64_t ow = 0; ow < OW; ow += P) {
+            const int pn = static_cast<int>(std::min<int64_t>(P, OW - ow));
+            const int64_t iw0 = Cols::first(ow, pad_w);
+            if (iw0 >= 0 && iw0 + Cols::inputs(pn) <= W)
+              strip3_any<float, Cols, false, P>(pn, orow + ow * B, xrows, wrows, nr, bpk.data() + c0, 0, B, B, iw0, W);
+            else
+              strip3_any<float, Cols, true, P>(pn, orow + ow * B, xrows, wrows, nr, bpk.data() + c0, 0, B, B, iw0, W);
+          }
+          if ((oh + 1) % FO == 0 || oh + 1 == OH) drain(og, len, oh / FO * FO, oh + 1);
+        }
+      }
+    }
+  }
+}
+#endif
+
+// Whether the register-blocked strips take a problem of this layout: every NHWC one strip3_applies to, and under
+// AVX2 without AVX-512 the float NCHW ones too (through nchw_strips). C++ harness (benchmarks/cpu_harness), batch
+// 8, 2 threads, 2-core AMD EPYC Zen 3 VM, against the NCHW kernels they replace, fastest of 3-4 interleaved rounds
+// in two sessions, MobileNetV1's layers (s1 / s2): forward C 128 56x56 1.21-1.49 / 1.40-1.70x, C 256 28x28
+// 1.22-1.34 / 1.42-1.65x, C 512 14x14 1.58-1.85 / 1.89-2.28x, C 1024 7x7 1.85-2.40x; input gradient C 32 / 64
+// 112x112 1.03-1.11 / 2.68-3.22x, C 128 56x56 1.32-1.39 / 2.88-2.99x, C 256 28x28 1.27-1.44 / 2.69-3.48x, C 512
+// 14x14 1.59-1.99 / 4.53-4.85x, C 1024 7x7 3.54-3.73x. Under AVX-512 the plane kernels keep NCHW: their masked chunks cover short rows there, and this path has
+// not been measured on such a machine.
+template <typename T>
+bool strips_take(const Conv2dShape& s, Layout layout) {
+  if (!strip3_applies(s)) return false;
+  if (layout == Layout::NHWC) return true;
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+  return std::is_same_v<T, float>;
+#else
+  return false;
+#endif
+}
+
+// forward_nhwc_strips, or its NCHW counterpart, by layout (where strips_take).
+template <typename T, class Cols>
+void run_strips(Layout layout, const T* x, const T* wpk, const T* bias, T* out, int64_t N, int64_t H, int64_t W,
+                int64_t C, int64_t OH, int64_t OW, int64_t KH, int64_t pad_w, const TapTable& rows) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (layout == Layout::NCHW) return nchw_strips<Cols>(x, wpk, bias, out, N, H, W, C, OH, OW, KH, pad_w, rows);
+  }
+#endif
+  forward_nhwc_strips<T, Cols>(x, wpk, bias, out, N, H, W, C, OH, OW, KH, pad_w, rows);
+}
 // [C, KH*KW] -> [KH*KW, C]
 template <typename T>
 std::vector<T> taps_major(const T* weight, int64_t C, int64_t KK) {
@@ -1765,21 +1964,25 @@ void backward_weight_nhwc_3x3(const T* grad_out, const T* x, T* grad_weight, con
 template <typename T>
 void depthwise_conv2d_forward(const T* x, const T* weight, const T* bias, T* out, const Conv2dShape& s,
                               Layout layout) {
+  // NCHW planes above kBlockedMaxPlane stay on forward_nchw: through the ring the C 32 112x112 stride 1 and C 64
+  // stride 2 forwards measured 0.97 / 0.93x (fastest of 8 interleaved harness rounds), while the input gradient
+  // gains there (below).
+  if (strips_take<T>(s, layout) && (layout == Layout::NHWC || s.H * s.W <= kBlockedMaxPlane)) {
+    const TapTable rows = forward_taps(s.OH, s.H, s.KH, s.stride_h, s.pad_h, s.dil_h);
+    const std::vector<T> wpk = pack_channel_blocks(weight, s.C, s.KH * s.KW);
+    if (s.stride_w == 1)
+      run_strips<T, ForwardCols<1>>(layout, x, wpk.data(), bias, out, s.N, s.H, s.W, s.C, s.OH, s.OW, s.KH, s.pad_w,
+                                    rows);
+    else
+      run_strips<T, ForwardCols<2>>(layout, x, wpk.data(), bias, out, s.N, s.H, s.W, s.C, s.OH, s.OW, s.KH, s.pad_w,
+                                    rows);
+    return;
+  }
   if (layout == Layout::NCHW) {
     forward_nchw(x, weight, bias, out, s);
     return;
   }
   const TapTable rows = forward_taps(s.OH, s.H, s.KH, s.stride_h, s.pad_h, s.dil_h);
-  if (strip3_applies(s)) {
-    const std::vector<T> wpk = pack_channel_blocks(weight, s.C, s.KH * s.KW);
-    if (s.stride_w == 1)
-      forward_nhwc_strips<T, ForwardCols<1>>(x, wpk.data(), bias, out, s.N, s.H, s.W, s.C, s.OH, s.OW, s.KH, s.pad_w,
-                                             rows);
-    else
-      forward_nhwc_strips<T, ForwardCols<2>>(x, wpk.data(), bias, out, s.N, s.H, s.W, s.C, s.OH, s.OW, s.KH, s.pad_w,
-                                             rows);
-    return;
-  }
   const std::vector<T> wt = taps_major(weight, s.C, s.KH * s.KW);
   const TapTable cols = forward_taps(s.OW, s.W, s.KW, s.stride_w, s.pad_w, s.dil_w);
   gather_nhwc(x, s.H, s.W, wt.data(), bias, out, s.OH, s.OW, s.N, s.C, s.KW, rows, cols, s.stride_w);
@@ -1788,11 +1991,7 @@ void depthwise_conv2d_forward(const T* x, const T* weight, const T* bias, T* out
 template <typename T>
 void depthwise_conv2d_backward_input(const T* grad_out, const T* weight, T* grad_x, const Conv2dShape& s,
                                      Layout layout) {
-  if (layout == Layout::NCHW) {
-    backward_input_nchw(grad_out, weight, grad_x, s);
-    return;
-  }
-  if (s.stride_h == 1 && s.stride_w == 1 && s.dil_w == 1 && strip3_applies(s)) {
+  if (s.stride_h == 1 && s.stride_w == 1 && strips_take<T>(s, layout)) {
     // At stride 1 the transposed convolution is a correlation of grad_out with the flipped kernel and padding
     // dil*(K-1) - pad, so the register-blocked forward strips run it (2-3x the tap-table gather below).
     const int64_t KK = s.KH * s.KW;
@@ -1801,21 +2000,25 @@ void depthwise_conv2d_backward_input(const T* grad_out, const T* weight, T* grad
       for (int64_t k = 0; k < KK; ++k) flipped[c * KK + k] = weight[c * KK + KK - 1 - k];
     const std::vector<T> wpk = pack_channel_blocks(flipped.data(), s.C, KK);
     const TapTable rows = forward_taps(s.H, s.OH, s.KH, 1, s.dil_h * (s.KH - 1) - s.pad_h, s.dil_h);
-    forward_nhwc_strips<T, ForwardCols<1>>(grad_out, wpk.data(), static_cast<const T*>(nullptr), grad_x, s.N, s.OH,
-                                           s.OW, s.C, s.H, s.W, s.KH, s.KW - 1 - s.pad_w, rows);
+    run_strips<T, ForwardCols<1>>(layout, grad_out, wpk.data(), static_cast<const T*>(nullptr), grad_x, s.N, s.OH,
+                                  s.OW, s.C, s.H, s.W, s.KH, s.KW - 1 - s.pad_w, rows);
     return;
   }
-  if (s.stride_w == 2 && strip3_applies(s)) {
+  if (s.stride_w == 2 && strips_take<T>(s, layout)) {
     // The same strips with the stride-2 transposed column taps (TransposedCols2) and unflipped weights.
     const std::vector<T> wpk = pack_channel_blocks(weight, s.C, s.KH * s.KW);
     const TapTable rows = transposed_taps(s.H, s.OH, s.KH, s.stride_h, s.pad_h, s.dil_h);
     const T* none = nullptr;
     if (s.pad_w % 2)
-      forward_nhwc_strips<T, TransposedCols2<1>>(grad_out, wpk.data(), none, grad_x, s.N, s.OH, s.OW, s.C, s.H, s.W,
-                                                 s.KH, s.pad_w, rows);
+      run_strips<T, TransposedCols2<1>>(layout, grad_out, wpk.data(), none, grad_x, s.N, s.OH, s.OW, s.C, s.H, s.W,
+                                        s.KH, s.pad_w, rows);
     else
-      forward_nhwc_strips<T, TransposedCols2<2>>(grad_out, wpk.data(), none, grad_x, s.N, s.OH, s.OW, s.C, s.H, s.W,
-                                                 s.KH, s.pad_w, rows);
+      run_strips<T, TransposedCols2<2>>(layout, grad_out, wpk.data(), none, grad_x, s.N, s.OH, s.OW, s.C, s.H, s.W,
+                                        s.KH, s.pad_w, rows);
+    return;
+  }
+  if (layout == Layout::NCHW) {
+    backward_input_nchw(grad_out, weight, grad_x, s);
     return;
   }
   const std::vector<T> wt = taps_major(weight, s.C, s.KH * s.KW);

@@ -124,6 +124,10 @@ int main() {
       make_shape(2, 21, 9, 18, 3, 3, 1, 2, 1, 0, 1, 1),    // stride 1 x 2, no column padding
       make_shape(1, 9, 7, 25, 3, 3, 3, 2, 1, 3, 1, 1),     // column padding 3: strips wholly in the padding
       make_shape(1, 530, 6, 11, 3, 3, 2, 2, 1, 1, 1, 1),   // 530 channels, stride 2
+      // NCHW through the strips (AVX2): planes above 64 x 64 pixels go a row at a time through a ring of input rows;
+      // channel blocks with a tail (16 + 3), a 5-row dilated kernel whose ring spans 9 rows, stride 2 both ways.
+      make_shape(1, 19, 66, 70, 3, 3, 1, 1, 1, 1, 1, 1),   // ring of 3 rows, stride 1
+      make_shape(1, 10, 75, 61, 5, 3, 2, 2, 2, 1, 2, 1),   // ring of 9 rows, stride 2
   };
   std::mt19937 rng(1234);
   int failures = 0;
