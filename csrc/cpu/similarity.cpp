@@ -15,9 +15,17 @@ void inverse_norms(const T* x, int64_t rows, int64_t d, bool normalize, double e
       inv[i] = T(1);
       continue;
     }
-    double s = 0;
+    // Eight independent partial sums: one chain would serialize on the add latency (the compiler keeps the order
+    // of a double sum), eight vectorize.
+    constexpr int64_t L = 8;
+    double part[L] = {};
     const T* r = x + i * d;
-    for (int64_t k = 0; k < d; ++k) s += double(r[k]) * double(r[k]);
+    int64_t k = 0;
+    for (; k + L <= d; k += L)
+      for (int64_t l = 0; l < L; ++l) part[l] += double(r[k + l]) * double(r[k + l]);
+    for (; k < d; ++k) part[k % L] += double(r[k]) * double(r[k]);
+    double s = 0;
+    for (int64_t l = 0; l < L; ++l) s += part[l];
     inv[i] = T(1.0 / std::max(std::sqrt(s), eps));
   }
 }
@@ -28,6 +36,12 @@ template <typename T>
 void similarity_logits_forward(const T* a, const T* b, T* out, int64_t B, int64_t N, int64_t M, int64_t d,
                                int64_t a_bs, int64_t b_bs, T scale, T bias, bool normalize, double eps) {
   if (B == 0 || N == 0 || M == 0) return;
+  // A broadcast b against a dense batch of a is one [B*N, d] x [M, d]^T problem: its row blocks then span batches,
+  // so N = 100 (CoOp's classes) makes no 4-row remainder block per batch.
+  if (B > 1 && b_bs == 0 && a_bs == N * d) {
+    N *= B;
+    B = 1;
+  }
   // b is packed (and its norms taken) once per distinct batch: once in all when it is broadcast.
   const int64_t nb = b_bs == 0 ? 1 : B;
   const int64_t Mp = round_up(M, kSimNR);
