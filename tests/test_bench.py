@@ -73,9 +73,16 @@ def test_ratios_positive_finite(result):
         if r["bytes"] is not None:
             assert _finite_positive(r["pyvl"]["gbps"])
         if r["op"].startswith(("depthwise", "dsconv2d")):
-            # memory-bound: a same-size copy is timed beside them; dsconv2d also its pointwise matmul
-            floors = {"copy", "pointwise torch.mm"} if r["op"] == "dsconv2d_fwd" else {"copy"}
+            # memory-bound: a same-size copy is timed beside them; dsconv2d also its pointwise matmul, two ways, of
+            # which the faster is the floor
+            floors = {"copy", "pointwise"} if r["op"] == "dsconv2d_fwd" else {"copy"}
             assert set(r["floors_ms"]) == floors and all(_finite_positive(t) for t in r["floors_ms"].values())
+            if r["op"] == "dsconv2d_fwd":
+                alts = r["floor_alternatives_ms"]["pointwise"]
+                assert set(alts) == {"torch.mm", "conv 1x1"} and all(_finite_positive(t) for t in alts.values())
+                assert r["floors_ms"]["pointwise"] == min(alts.values())
+            else:
+                assert r["floor_alternatives_ms"] == {}
             assert _finite_positive(r["pyvl"]["frac_copy"])
             assert math.isclose(r["ceiling"], r["peer_stats"]["ms"] / max(r["floors_ms"].values()))
         else:
