@@ -49,21 +49,28 @@ static_assert(kBK % kSpanStep == 0 && kSpanStep % kGemmMR == 0 && kSpanStep % kG
 inline int64_t span(int64_t nk) { return std::min(kBK, round_up(nk, kSpanStep)); }
 
 // ---------------------------------------------------------------------------------------------------------------
-// exp over a row. float: simd::exp8 (Cephes' expf, Cody-Waite reduction, about 1 ulp) on 8 lanes; glibc
+// x[j] = exp(x[j] - shift) over a row, returning the sum of the results (in T, lane-parallel partial sums, a fixed
+// order). float: simd::exp on the build's widest vectors, 16 lanes under AVX-512 (Cephes' expf, about 1 ulp); glibc
 // only vectorizes exp under -ffast-math, which would also break the NaN policy. exp(-inf) = 0 and NaN stays NaN.
-
+// The rows are span() long, a multiple of 16, so the scalar tail does not run.
+// The subtraction, exp and sum go in one pass over the row. Against three passes with 8-lane exp (2-core AMD EPYC
+// Zen 5, B 1, 4 heads, d 32, bias [N, N], fastest of 7 calls, 3 interleaved rounds): forward 1.17-1.35x at N = 4096,
+// 1.15x at N = 1024; forward + backward 1.11x at N = 4096.
 template <typename T>
-inline void exp_row(T* x, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j]);
+inline T exp_shifted_row(T* x, int64_t n, T shift) {
+  T sum = 0;
+  for (int64_t j = 0; j < n; ++j) sum += (x[j] = std::exp(x[j] - shift));
+  return sum;
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
 
 template <>
-inline void exp_row<float>(float* x, int64_t n) {
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(x + j, simd::exp8(_mm256_loadu_ps(x + j)));
-  for (; j < n; ++j) x[j] = std::exp(x[j]);
+inline float exp_shifted_row<float>(float* x, int64_t n, float shift) {
+  float sum = 0, unused = 0;
+  int64_t j = simd::exp_shifted_rows<simd::F32xW>(x, nullptr, shift, 0.f, 0, n, sum, unused);  // 16 lanes: AVX-512
+  for (; j < n; ++j) sum += (x[j] = std::exp(x[j] - shift));
+  return sum;
 }
 #endif
 
@@ -172,10 +179,7 @@ void prob_and_grad_tile(Scratch<T>& sc, const BiasView<T>& bias, const T* lse, c
     T* p = P + i * kBK;
     T* ds = dS + i * kBK;
     scale_and_bias(p, nk, scale, bias_row(bias, b, h, q0 + i, k0), bias.sm);
-    const T m = lse[i];
-#pragma omp simd
-    for (int64_t j = 0; j < w; ++j) p[j] -= m;
-    exp_row(p, w);
+    exp_shifted_row(p, w, lse[i]);
     const T d = delta[i];
 #pragma omp simd
     for (int64_t j = 0; j < w; ++j) ds[j] = j < nk ? p[j] * (ds[j] - d) : T(0);
@@ -329,12 +333,7 @@ void sequential_attention_forward(HeadRows<const T> q, HeadRows<const T> k, Head
             // A row with no finite score yet keeps m = -inf; subtracting 0 instead keeps exp(-inf - m) at 0
             // rather than NaN, so that a fully masked key block does not poison the row.
             const T base = m_new == neg_inf ? T(0) : m_new;
-#pragma omp simd
-            for (int64_t j = 0; j < w; ++j) row[j] -= base;
-            exp_row(row, w);
-            T sum = 0;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t j = 0; j < w; ++j) sum += row[j];
+            const T sum = exp_shifted_row(row, w, base);
             const T alpha = std::exp(m[i] - base);
             l[i] = l[i] * alpha + sum;
             m[i] = m_new;
