@@ -202,8 +202,6 @@ inline typename O::V exp(typename O::V x) {
   return O::flush_and_keep_nan(O::mul(p, O::pow2(k)), x, lo);
 }
 
-inline __m256 exp8(__m256 x) { return exp<F32x8>(x); }
-
 // Columns [j0, n) of rows r0 and r1 (r1 may be null: one row) in whole steps of O::lanes: x = exp(x - shift), the
 // results added into acc0 / acc1 (lane-parallel partial sums, a fixed order). Returns where it stopped (the first
 // column of a partial step). Two rows give two independent exp chains, which one short row cannot.
