@@ -234,19 +234,22 @@ def _dsconv2d_fwd(N, s: DwShape):
         chosen = _chosen_backend("dsconv2d", backend, x)
         x_nchw = x.contiguous()
 
+        def torch_depthwise(inp):
+            return F.relu(F.conv2d(inp, dw, dw_b, s.stride, 1, 1, s.C))
+
         def torch_block(inp):
-            return F.relu(F.conv2d(F.relu(F.conv2d(inp, dw, dw_b, s.stride, 1, 1, s.C)), pw, pw_b))
+            return F.relu(F.conv2d(torch_depthwise(inp), pw, pw_b))
 
         def run_pyvl():
             return pyvl.ops.dsconv2d(x, dw, pw, dw_b, pw_b, stride=s.stride, padding=1, backend=backend)
 
-        y = torch_block(x)
         # The pointwise 1x1 alone: the block cannot run faster than its matmul does in PyTorch, unless pyvl's
         # micro-kernel beat PyTorch's fastest GEMM (the floor would then show it). Two ways, the faster counts:
         # one torch.mm into a preallocated output (the BLAS), and torch's own 1x1 convolution of the channels_last
         # intermediate (oneDNN). On a 2-core AMD EPYC (Zen 5) the convolution ran 1.5-2x faster than torch.mm (460
         # GFLOP/s at C 512 14x14), so torch.mm alone put the floor above torch's whole block.
-        mid = F.relu(F.conv2d(x, dw, dw_b, s.stride, 1, 1, s.C))
+        mid = torch_depthwise(x)
+        y = F.relu(F.conv2d(mid, pw, pw_b))  # torch_block(x), from the intermediate the floor needs anyway
         a = mid.permute(0, 2, 3, 1).reshape(-1, s.C).contiguous()
         pw_t = pw.reshape(s.C_out, s.C).t().contiguous()
         mm_out = torch.empty(a.shape[0], s.C_out, device=device, dtype=dtype)
